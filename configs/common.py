@@ -1,0 +1,76 @@
+"""Every config field with its default; each experiment config starts from `base_config()`.
+
+Fields are documented here once. Durations count optimizer steps unless named `*_epochs`.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields the code reads, with defaults an experiment overrides."""
+    config = ml_collections.ConfigDict()
+
+    # Model: `name` picks a registered variant (xception_jax.models.VARIANTS); every other
+    # field is passed to it as an override (see xception_jax.models.Xception for the list).
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "xception"
+    config.model.residual = True
+    config.model.intermediate_activation = "none"  # 'none' | 'relu' | 'elu' (paper Fig. 10).
+    config.model.dropout_rate = 0.0
+    config.half_precision = False  # bfloat16 compute, float32 params.
+
+    # Data (xception_jax.input_pipeline).
+    config.dataset = "sklearn_digits"  # A TFDS name, or 'image_folder'.
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir.
+    config.manual_dir = ml_collections.config_dict.placeholder(str)  # Manual downloads.
+    config.image_folder = ml_collections.config_dict.placeholder(str)  # <root>/<split>/<class>/.
+    config.train_split = "train"
+    config.eval_split = "test"
+    config.image_size = 299
+    config.crop_area_range = (0.08, 1.0)  # Inception crop: fraction of the image area.
+    config.crop_aspect_range = (3 / 4, 4 / 3)
+    config.random_flip = True
+    config.shuffle_buffer = 16_384
+    config.prefetch_batches = 2
+
+    # Batch sizes are global: split over every device of every process.
+    config.batch_size = 256
+    config.eval_batch_size = 256
+    config.seed = 0
+
+    # Optimizer (xception_jax.optim).
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "sgd"  # 'sgd' | 'rmsprop' | 'adamw'.
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.rmsprop_decay = 0.9
+    config.optimizer.eps = 1.0  # RMSprop epsilon (1.0 as in the Inception recipes).
+    config.optimizer.b1 = 0.9  # AdamW.
+    config.optimizer.b2 = 0.999
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.weight_decay_mask = "kernels"  # | 'kernels_except_depthwise' | 'all'.
+    config.optimizer.grad_clip_norm = 0.0  # 0: off.
+
+    # Learning-rate schedule.
+    config.schedule = ml_collections.ConfigDict()
+    config.schedule.name = "cosine"  # 'constant' | 'exponential' | 'cosine'.
+    config.schedule.base_learning_rate = 0.1
+    config.schedule.reference_batch_size = 0  # > 0: lr scales by batch_size / this.
+    config.schedule.warmup_epochs = 0.0
+    config.schedule.decay_rate = 0.94  # Exponential: factor per decay period.
+    config.schedule.decay_every_epochs = 2.0
+    config.schedule.decay_every_examples = 0  # > 0: overrides decay_every_epochs.
+    config.schedule.staircase = True
+
+    config.label_smoothing = 0.0
+    config.ema_decay = 0.0  # Polyak averaging of params; 0: off. Eval reports both when on.
+    config.skip_nonfinite_updates = False  # False: stop on a non-finite loss.
+
+    # Duration and cadence.
+    config.num_train_steps = -1  # -1: derived from num_epochs.
+    config.num_epochs = 100.0
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 1000
+    config.max_checkpoints_to_keep = 3
+    return config

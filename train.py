@@ -1,0 +1,48 @@
+"""Trains an Xception as a config says.
+
+    python train.py --config configs/default.py --workdir runs/default
+
+Every host of a multi-host job runs this same command.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for multi-process runs outside a "
+    "detected cluster (also JAX_COORDINATOR_ADDRESS).",
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes (also JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index (also JAX_PROCESS_ID).")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for every process to join.")
+flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "Seconds without a heartbeat before a peer counts as dead."
+)
+flags.DEFINE_integer("shutdown_timeout", 300, "Seconds to wait for peers at shutdown.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # Imported here so that --help and flag errors come back without loading JAX/TF.
+    from xception_jax import sharding, train
+
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        initialization_timeout=FLAGS.initialization_timeout,
+        heartbeat_timeout=FLAGS.heartbeat_timeout,
+        shutdown_timeout=FLAGS.shutdown_timeout,
+    )
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,315 @@
+"""Training and evaluation: TrainState, pure jitted steps, and the loop that drives them."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+
+from xception_jax import (
+    checkpoints,
+    config_validation,
+    input_pipeline,
+    models,
+    optim,
+    preemption,
+    sharding,
+)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (and checkpoints)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any  # Polyak average of params; None when config.ema_decay == 0.
+    skipped_updates: jax.Array  # Steps whose update was dropped for a non-finite loss.
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int):
+    """The flax module that `config.model` describes, with compute dtype from half_precision."""
+    overrides = {k: v for k, v in config.model.items() if k != "name"}
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    return models.create_model(config.model.name, num_classes=num_classes, dtype=dtype, **overrides)
+
+
+def abstract_variables(model, image_size: int):
+    """Shapes and dtypes of the model's variables, without computing anything."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+
+def init_state(model, tx, config: ml_collections.ConfigDict) -> TrainState:
+    """A fresh TrainState (pure: a function of config.seed only)."""
+    x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    variables = model.init(jax.random.key(config.seed), x, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        ema_params=params if config.ema_decay > 0 else None,
+        skipped_updates=jnp.zeros((), jnp.int32),
+    )
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy with optional label smoothing."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, batch, *, model, tx, config) -> tuple[TrainState, dict]:
+    """One optimizer step on a global batch: forward, backward, update, EMA. Pure."""
+    images = models.preprocess(batch["image"], model.dtype)
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
+    def loss_fn(params):
+        logits, new_vars = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy(logits, batch["label"], model.num_classes, config.label_smoothing)
+        return loss.mean(), (logits, new_vars["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = (
+        optim.ema_update(state.ema_params, params, config.ema_decay)
+        if state.ema_params is not None
+        else None
+    )
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema_params,
+    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    if config.skip_nonfinite_updates:
+        # Keep the old state (but advance the step) so one bad batch cannot poison the run.
+        kept = state.replace(step=state.step + 1, skipped_updates=state.skipped_updates + 1)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "finite": finite,
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch_stats, batch, *, model) -> dict:
+    """Sums of loss and correct predictions over the unmasked examples of a global batch."""
+    images = models.preprocess(batch["image"], model.dtype)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    loss = cross_entropy(logits, labels, model.num_classes)
+    top5 = jax.lax.top_k(logits, min(5, model.num_classes))[1]
+    return {
+        "loss": jnp.sum(loss * mask),
+        "accuracy": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "top5_accuracy": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def evaluate(p_eval_step, params, batch_stats, config, mesh) -> dict:
+    """Loss, top-1 and top-5 accuracy over the whole eval split (each example counted once)."""
+    totals = None
+    for batch in input_pipeline.eval_iterator(config):
+        sums = p_eval_step(params, batch_stats, input_pipeline.to_global_batch(batch, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals.pop("count")), 1.0)
+    return {k: float(v) / count for k, v in totals.items()}
+
+
+class MetricsLog:
+    """Process 0's `metrics.jsonl`, TensorBoard events and progress lines."""
+
+    def __init__(self, workdir: str, start_step: int):
+        self.is_writer = jax.process_index() == 0
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.writer = metric_writers.create_default_writer(
+            workdir, just_logging=not self.is_writer, asynchronous=False
+        )
+        self.wall_offset = self._truncate_after(start_step) if self.is_writer else 0.0
+        self.start = time.time()
+
+    def _truncate_after(self, step: int) -> float:
+        """Drops records newer than the restored checkpoint (a resumed run writes them again).
+
+        Returns the training wall time already spent, so curves against time stay continuous.
+        """
+        if not os.path.exists(self.path):
+            return 0.0
+        with open(self.path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in records if r["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        return kept[-1].get("wall_time", 0.0) if kept else 0.0
+
+    def wall_time(self) -> float:
+        """Seconds of training so far, across resumes."""
+        return self.wall_offset + time.time() - self.start
+
+    def write(self, step: int, record: dict) -> None:
+        """Writes one record (JSON line + TensorBoard scalars) for `step`."""
+        if not self.is_writer:
+            return
+        record = {"step": step, "wall_time": round(self.wall_time(), 3), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+
+    def close(self) -> None:
+        """Flushes the TensorBoard writer."""
+        self.writer.flush()
+        self.writer.close()
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains and evaluates as `config` says, resuming from `workdir`'s newest checkpoint.
+
+    Returns the final TrainState (replicated over the mesh).
+    """
+    info = input_pipeline.get_dataset_info(config)
+    config_validation.validate(config, info, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.create_mesh()
+    replicated = sharding.replicated(mesh)
+
+    model = create_model_from_config(config, info.num_classes)
+    tx, schedule = optim.create_optimizer(config, info.num_train_examples)
+    num_steps = optim.total_steps(config, info.num_train_examples)
+    state = jax.jit(functools.partial(init_state, model, tx, config), out_shardings=replicated)()
+    logging.info(
+        "Model %s: %s parameters; %d steps of global batch %d on %d devices (%d processes).",
+        config.model.name,
+        f"{optim.count_params(state.params):,}",
+        num_steps,
+        config.batch_size,
+        jax.device_count(),
+        jax.process_count(),
+    )
+
+    manager = checkpoints.create_manager(workdir, config.max_checkpoints_to_keep)
+    meta = checkpoints.meta_for(config, info.num_classes, info.class_names)
+    restored = checkpoints.restore_latest(manager, state)
+    if restored is not None:
+        state = restored
+        logging.info("Resumed from checkpoint %d in %s.", int(state.step), manager.directory)
+    start_step = int(jax.device_get(state.step))
+    checkpoints.write_config(workdir, config)
+    log = MetricsLog(workdir, start_step)
+
+    p_train_step = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, config=config),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    p_eval_step = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
+    batches = input_pipeline.prefetch_to_device(
+        input_pipeline.train_iterator(config, start_step=start_step),
+        config.prefetch_batches,
+        mesh,
+    )
+    stop = preemption.StopSignal()
+
+    pending, last_log_time, last_log_step = [], time.time(), start_step
+    step = start_step
+    while step < num_steps:
+        state, metrics = p_train_step(state, next(batches))
+        step += 1
+        pending.append(metrics)
+        is_last = step == num_steps
+        record = {}
+        if step % config.log_every_steps == 0 or is_last:
+            host = jax.device_get(pending)
+            pending = []
+            if not all(m["finite"] for m in host) and not config.skip_nonfinite_updates:
+                bad = step - len(host) + next(i for i, m in enumerate(host) if not m["finite"])
+                manager.wait_until_finished()
+                raise FloatingPointError(
+                    f"Non-finite loss or gradient at step {bad + 1}; stopping. The last good "
+                    f"checkpoint in {manager.directory} is kept (step {manager.latest_step()}). "
+                    "Lower the learning rate or set --config.skip_nonfinite_updates=True."
+                )
+            elapsed = time.time() - last_log_time
+            steps_per_sec = (step - last_log_step) / max(elapsed, 1e-9)
+            record.update(
+                train_loss=float(np.mean([m["loss"] for m in host])),
+                train_accuracy=float(np.mean([m["accuracy"] for m in host])),
+                learning_rate=float(schedule(step - 1)),
+                steps_per_sec=steps_per_sec,
+                images_per_sec=steps_per_sec * config.batch_size,
+                skipped_updates=int(jax.device_get(state.skipped_updates)),
+            )
+            logging.info(
+                "step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s",
+                step,
+                num_steps,
+                record["train_loss"],
+                record["train_accuracy"],
+                record["learning_rate"],
+                record["images_per_sec"],
+                _format_eta((num_steps - step) / max(steps_per_sec, 1e-9)),
+            )
+            last_log_time, last_log_step = time.time(), step
+        if step % config.eval_every_steps == 0 or is_last:
+            results = evaluate(p_eval_step, state.params, state.batch_stats, config, mesh)
+            record.update({f"eval_{k}": v for k, v in results.items()})
+            if state.ema_params is not None:
+                ema = evaluate(p_eval_step, state.ema_params, state.batch_stats, config, mesh)
+                record.update({f"eval_ema_{k}": v for k, v in ema.items()})
+            logging.info(
+                "step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items())
+            )
+            last_log_time = time.time()  # Evaluation time is not training throughput.
+        if record:
+            log.write(step, record)
+        preempted = stop.reached(step)
+        if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+            checkpoints.save(manager, state, meta, force=True)
+        if preempted:
+            manager.wait_until_finished()
+            logging.warning(
+                "Stopped by a termination signal at step %d; checkpoint %d is complete. "
+                "Run the same command again to resume.",
+                step,
+                step,
+            )
+            break
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+    return state
