@@ -1,0 +1,149 @@
+"""Flax (linen) depthwise, pointwise and separable convolutions, no bias, depth multiplier 1.
+
+Parameter names and layouts (what ``keras_weights`` maps onto):
+- ``DepthwiseConv``: ``kernel`` ``(kh, kw, 1, C)``.
+- ``PointwiseConv``: ``kernel`` ``(Cin, Cout)``.
+- ``SeparableConv``: submodules ``depthwise`` and ``pointwise`` (and ``depthwise_bn`` when
+  ``depthwise_norm`` is set, for the aligned Xceptions).
+
+``dtype`` is the compute dtype, ``param_dtype`` the storage dtype: ``dtype=jnp.bfloat16`` with
+``param_dtype=jnp.float32`` keeps f32 master weights and computes in bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xception_jax import ops
+
+Dtype = Any
+
+ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array] | None] = {
+    None: None,
+    "none": None,
+    "relu": nn.relu,
+    "elu": nn.elu,
+}
+
+
+def get_activation(name: str | None) -> Callable[[jax.Array], jax.Array] | None:
+    """Return the activation function for ``None`` / 'none' / 'relu' / 'elu' (None: identity)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"Unknown activation {name!r}; use one of None, 'relu', 'elu' (the paper's ablation)."
+        )
+    return ACTIVATIONS[name]
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv, depth multiplier 1, no bias: one ``kernel_size`` filter per channel."""
+
+    kernel_size: int = 3
+    strides: int = 1
+    dilation: int = 1
+    padding: str | tuple[tuple[int, int], tuple[int, int]] = "SAME"
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    # He init on the true fan-in of a depthwise filter (k*k); Keras uses glorot_uniform, the
+    # paper states none. Imported Keras weights replace it anyway.
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply to NHWC ``x``."""
+        c = x.shape[-1]
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        return ops.depthwise_conv(
+            x,
+            kernel,
+            strides=self.strides,
+            dilation=self.dilation,
+            padding=self.padding,
+            impl=self.impl,
+        )
+
+
+class PointwiseConv(nn.Module):
+    """1x1 conv, no bias, computed as a matmul over channels; ``strides`` subsample first."""
+
+    features: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    # He init on fan-out, as torchvision/timm initialise convs.
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply to NHWC ``x``."""
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
+        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        return ops.pointwise_conv(x, kernel, strides=self.strides)
+
+
+class SeparableConv(nn.Module):
+    """Depthwise ``kernel_size`` conv then pointwise 1x1 conv, no bias, depth multiplier 1.
+
+    Attributes:
+      features: output channels of the pointwise half.
+      kernel_size, strides, dilation, padding: of the depthwise half (strides apply there, as
+        in Keras and DeepLab); padding 'SAME', 'VALID' or explicit ((top, bottom), (left, right)).
+      intermediate_activation: None (the paper's choice), 'relu' or 'elu' between the halves.
+      depthwise_norm: insert BatchNorm after the depthwise half (aligned Xception); it comes
+        before ``intermediate_activation``.
+      depthwise_impl: 'auto', 'taps' or 'lax' (see ``ops``).
+      bn_momentum, bn_epsilon: of that BatchNorm (Keras convention: running = m * running + ...).
+    """
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    dilation: int = 1
+    padding: str | tuple[tuple[int, int], tuple[int, int]] = "SAME"
+    intermediate_activation: str | None = None
+    depthwise_norm: bool = False
+    depthwise_impl: str = "auto"
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Apply to NHWC ``x``; ``train`` only matters with ``depthwise_norm``."""
+        act = get_activation(self.intermediate_activation)
+        x = DepthwiseConv(
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            dilation=self.dilation,
+            padding=self.padding,
+            impl=self.depthwise_impl,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="depthwise",
+        )(x)
+        if self.depthwise_norm:
+            x = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                epsilon=self.bn_epsilon,
+                use_fast_variance=False,  # Two-pass, as in models.Xception.
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="depthwise_bn",
+            )(x)
+        if act is not None:
+            x = act(x)
+        return PointwiseConv(
+            self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="pointwise"
+        )(x)

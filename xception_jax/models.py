@@ -1,0 +1,389 @@
+"""Xception (Chollet, CVPR 2017) and the aligned Xception-41/65/71 of DeepLab, in flax.linen.
+
+``Xception()`` with default fields is the paper's model exactly as Keras builds it
+(keras/src/applications/xception.py): valid-padded stem, pre-activation entry/middle blocks with
+1x1/2 conv shortcuts (blocks 2, 3, 4, 13), post-activation block 14, BatchNorm epsilon 1e-3 and
+momentum 0.99 everywhere, global average pooling and a dense classifier. Parameter names follow
+the Keras layer names (``block1_conv1``, ``block2_sepconv1_bn``, ...; shortcuts, unnamed in
+Keras, are ``block{2,3,4,13}_shortcut`` and ``..._shortcut_bn``) so that ``keras_weights`` maps
+one to one.
+
+Input: float NHWC already scaled to [-1, 1] (``preprocess``). Output: float32 logits, or with
+``return_features=True`` a dict of named features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xception_jax.layers import PointwiseConv, SeparableConv, get_activation
+
+Dtype = Any
+
+POOLINGS = ("avg", "max", None)
+
+
+def preprocess(images: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
+    """Scale uint8 (or [0, 255] float) images to [-1, 1] as Xception expects: ``x / 127.5 - 1``."""
+    x = jnp.asarray(images).astype(jnp.float32) / 127.5 - 1.0
+    return x.astype(dtype)
+
+
+def round_channels(channels: int, width_multiplier: float, divisor: int = 8) -> int:
+    """Scale a channel count by ``width_multiplier``, rounded to a multiple of ``divisor``.
+
+    Every width of the paper's model is a multiple of 8, so a multiplier of 1 is exact.
+    """
+    if width_multiplier == 1.0:
+        return channels
+    return max(divisor, int(channels * width_multiplier / divisor + 0.5) * divisor)
+
+
+class _XceptionBase(nn.Module):
+    """Fields, input checks, BatchNorm and head shared by both Xception families."""
+
+    num_classes: int = 1000
+    residual: bool = True
+    intermediate_activation: str | None = None
+    dropout_rate: float = 0.0
+    width_multiplier: float = 1.0
+    middle_blocks: int = 8
+    include_top: bool = True
+    pooling: str | None = "avg"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    depthwise_impl: str = "auto"
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    min_input_size: int = 71
+
+    def _check(self, x: jax.Array) -> None:
+        get_activation(self.intermediate_activation)  # fails early on a bad name
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
+        if self.include_top and self.pooling is None:
+            raise ValueError("include_top=True needs pooling 'avg' (Keras) or 'max', not None.")
+        if x.ndim != 4:
+            raise ValueError(f"Xception wants NHWC images [B, H, W, 3]; got shape {x.shape}.")
+        if x.shape[-1] != 3:
+            raise ValueError(
+                f"Xception wants 3 input channels (RGB, channels last); got {x.shape[-1]} "
+                f"(input shape {x.shape}). Convert grayscale to RGB or transpose NCHW to NHWC."
+            )
+        if min(x.shape[1], x.shape[2]) < self.min_input_size:
+            raise ValueError(
+                f"Input {x.shape[1]}x{x.shape[2]} is smaller than this model's minimum "
+                f"{self.min_input_size}x{self.min_input_size}; resize the images up or use a "
+                f"variant with a smaller min_input_size (e.g. 'xception_tiny')."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(
+                f"Xception wants float input scaled to [-1, 1]; got {x.dtype}. "
+                "Apply xception_jax.models.preprocess(images) first."
+            )
+
+    def _ch(self, channels: int) -> int:
+        return round_channels(channels, self.width_multiplier)
+
+    def _bn(self, name: str, train: bool) -> nn.BatchNorm:
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            # Two-pass variance, as Keras/TF: E[x^2] - E[x]^2 cancels catastrophically when
+            # |mean| >> std, and its result then depends on the reduction order (device count).
+            use_fast_variance=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _sep(self, features: int, name: str, **kw) -> SeparableConv:
+        kw.setdefault("intermediate_activation", self.intermediate_activation)
+        return SeparableConv(
+            self._ch(features),
+            depthwise_impl=self.depthwise_impl,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+            **kw,
+        )
+
+    def _shortcut(self, x: jax.Array, features: int, strides: int, name: str, train: bool):
+        y = PointwiseConv(
+            self._ch(features),
+            strides=strides,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=f"{name}_shortcut",
+        )(x)
+        return self._bn(f"{name}_shortcut_bn", train)(y)
+
+    def _head(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        features["exit"] = x
+        if self.pooling is None:
+            return x
+        pool = jnp.mean if self.pooling == "avg" else jnp.max
+        # The head runs in float32: pooled features are tiny, and logits must be f32 for a
+        # stable softmax/cross-entropy even under bf16 compute.
+        x = pool(x.astype(jnp.float32), axis=(1, 2))
+        features["pre_logits"] = x
+        if not self.include_top:
+            return x
+        if self.dropout_rate > 0:
+            x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        x = nn.Dense(
+            self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype, name="predictions"
+        )(x)
+        features["logits"] = x
+        return x
+
+
+class Xception(_XceptionBase):
+    """The paper's Xception as Keras builds it; fields add the paper's ablations and small variants.
+
+    Attributes:
+      num_classes: classifier outputs (with ``include_top``).
+      residual: False removes every shortcut add and the shortcut convs (paper, Figure 9).
+      intermediate_activation: None (paper), 'relu' or 'elu' between depthwise and pointwise
+        (paper, Figure 10).
+      dropout_rate: dropout before the classifier in training (0.5 in the paper's ImageNet run);
+        needs ``rngs={'dropout': key}``.
+      width_multiplier: scales every width (rounded to multiples of 8).
+      middle_blocks: number of middle-flow blocks (8 in the paper).
+      include_top: add the dense classifier.
+      pooling: 'avg', 'max', or None (only without top: returns the 4-D exit features).
+      dtype / param_dtype: compute / parameter dtypes (bf16 compute with f32 params works).
+      depthwise_impl: 'auto', 'taps' or 'lax' (``xception_jax.ops``).
+      bn_momentum, bn_epsilon: BatchNorm (Keras: 0.99, 1e-3).
+      min_input_size: smallest accepted height/width (Keras: 71).
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        """Run on float NHWC ``x`` in [-1, 1]; ``train`` uses batch statistics and dropout."""
+        self._check(x)
+        feats: dict[str, jax.Array] = {}
+        x = x.astype(self.dtype)
+        relu = nn.relu
+
+        # Stem (block 1): two valid-padded 3x3 convs.
+        for i, (ch, s) in enumerate(((32, 2), (64, 1)), start=1):
+            x = nn.Conv(
+                self._ch(ch),
+                (3, 3),
+                strides=(s, s),
+                padding="VALID",
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"block1_conv{i}",
+            )(x)
+            x = relu(self._bn(f"block1_conv{i}_bn", train)(x))
+        feats["stem"] = x
+
+        # Entry flow: blocks 2-4. Block 2's first sepconv has no ReLU in front (input is
+        # already activated); the shortcut reads the block input before the ReLU.
+        for block, ch in ((2, 128), (3, 256), (4, 728)):
+            x = self._downsample_block(x, block, (ch, ch), pre_relu=block != 2, train=train)
+            feats[f"block{block}"] = x
+
+        # Middle flow: identity-shortcut blocks of 3 x (ReLU, sep 728, BN).
+        for block in range(5, 5 + self.middle_blocks):
+            y = x
+            for j in range(1, 4):
+                y = self._sep(728, f"block{block}_sepconv{j}")(relu(y))
+                y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
+            x = x + y if self.residual else y
+        feats["middle"] = x
+
+        # Exit flow: one downsampling block, then block 14 (post-activation, no shortcut).
+        exit1 = 5 + self.middle_blocks
+        x = self._downsample_block(x, exit1, (728, 1024), pre_relu=True, train=train)
+        for j, ch in ((1, 1536), (2, 2048)):
+            x = self._sep(ch, f"block{exit1 + 1}_sepconv{j}")(x)
+            x = relu(self._bn(f"block{exit1 + 1}_sepconv{j}_bn", train)(x))
+
+        out = self._head(x, train, feats)
+        return feats if return_features else out
+
+    def _downsample_block(self, x, block: int, chs: Sequence[int], *, pre_relu: bool, train):
+        """(ReLU), sep, BN, ReLU, sep, BN, maxpool 3x3/2 SAME; + shortcut conv 1x1/2 + BN."""
+        shortcut = x
+        y = nn.relu(x) if pre_relu else x
+        for j, ch in enumerate(chs, start=1):
+            if j > 1:
+                y = nn.relu(y)
+            y = self._sep(ch, f"block{block}_sepconv{j}")(y)
+            y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
+        y = nn.max_pool(y, (3, 3), strides=(2, 2), padding="SAME")
+        if not self.residual:
+            return y
+        return y + self._shortcut(shortcut, chs[-1], 2, f"block{block}", train)
+
+
+class XceptionAligned(_XceptionBase):
+    """Aligned Xception of DeepLab (v3+), as timm's ``xception41/65/71`` and DeepLab's TF code.
+
+    Differences from the paper's model: SAME (symmetric) padded stem; every downsampling is a
+    stride-2 separable conv (no max-pool); every block has three separable convs; BatchNorm
+    after each depthwise conv; ``output_stride`` 8/16/32 replaces later strides by dilation.
+    Like DeepLab's reference code, the pre-activation blocks put no ReLU between the depthwise
+    BN and the pointwise conv (``intermediate_activation='relu'`` adds it, as the DeepLabv3+
+    paper's text describes); the last exit block is post-activation with ReLU after both BNs.
+
+    Extra attributes:
+      entry_blocks: (channels, stride) of each entry-flow block.
+      output_stride: 8, 16 or 32 (input size / final feature map size).
+    """
+
+    entry_blocks: tuple[tuple[int, int], ...] = ((128, 2), (256, 2), (728, 2))
+    output_stride: int = 32
+    min_input_size: int = 32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        """Run on float NHWC ``x`` in [-1, 1]; ``train`` uses batch statistics and dropout."""
+        self._check(x)
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}.")
+        feats: dict[str, jax.Array] = {}
+        x = x.astype(self.dtype)
+
+        for i, (ch, s) in enumerate(((32, 2), (64, 1)), start=1):
+            x = nn.Conv(
+                self._ch(ch),
+                (3, 3),
+                strides=(s, s),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"block1_conv{i}",
+            )(x)
+            x = nn.relu(self._bn(f"block1_conv{i}_bn", train)(x))
+        feats["stem"] = x
+
+        # (name, out channels x3, stride, start_with_relu, skip); strides become dilation
+        # once the output stride is reached, exactly as timm / DeepLab's stack_blocks_dense.
+        e, m = len(self.entry_blocks), self.middle_blocks
+        plan = [
+            (f"block{2 + i}", (c, c, c), s, True, True)
+            for i, (c, s) in enumerate(self.entry_blocks)
+        ]
+        plan += [(f"block{2 + e + i}", (728,) * 3, 1, True, True) for i in range(m)]
+        plan += [(f"block{2 + e + m}", (728, 1024, 1024), 2, True, True)]
+        plan += [(f"block{3 + e + m}", (1536, 1536, 2048), 1, False, False)]
+        stride, dilation = 2, 1
+        for idx, (name, chs, s, start_relu, skip) in enumerate(plan):
+            block_dilation = dilation
+            if s > 1:
+                if stride * s > self.output_stride:
+                    dilation *= s
+                    s = 1
+                else:
+                    stride *= s
+            x = self._block(x, name, chs, s, block_dilation, start_relu, skip, train)
+            if idx < e:
+                feats[name] = x
+            elif idx == e + m - 1:
+                feats["middle"] = x
+        if m == 0:
+            feats["middle"] = feats[f"block{1 + e}"]
+
+        out = self._head(x, train, feats)
+        return feats if return_features else out
+
+    def _block(self, x, name, chs, stride, dilation, start_relu, skip, train):
+        """Three separable convs (stride on the third) with BN after depthwise and pointwise."""
+        shortcut = x
+        pad = ((dilation, dilation), (dilation, dilation))  # symmetric (k-1)*d/2 for k=3
+        for j, ch in enumerate(chs, start=1):
+            if start_relu:
+                x = nn.relu(x)
+            x = self._sep(
+                ch,
+                f"{name}_sepconv{j}",
+                strides=stride if j == 3 else 1,
+                dilation=dilation,
+                padding=pad,
+                depthwise_norm=True,
+                **({} if start_relu else {"intermediate_activation": "relu"}),
+            )(x, train)
+            x = self._bn(f"{name}_sepconv{j}_bn", train)(x)
+            if not start_relu:
+                x = nn.relu(x)
+        if not (skip and self.residual):
+            return x
+        if self._ch(chs[-1]) != shortcut.shape[-1] or stride != 1:
+            shortcut = self._shortcut(shortcut, chs[-1], stride, name, train)
+        return x + shortcut
+
+
+VARIANTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "xception": (Xception, {}),
+    # CPU variant for tests and the embedded default: every width x0.25 (rounded to 8), two
+    # middle blocks, usable from 32x32 (the final feature map is then 1x1).
+    "xception_tiny": (
+        Xception,
+        {"width_multiplier": 0.25, "middle_blocks": 2, "min_input_size": 32},
+    ),
+    "xception41": (XceptionAligned, {"middle_blocks": 8}),
+    "xception65": (XceptionAligned, {"middle_blocks": 16}),
+    "xception71": (
+        XceptionAligned,
+        {
+            "middle_blocks": 16,
+            "entry_blocks": ((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)),
+        },
+    ),
+}
+
+
+def model_fields(cls: type[nn.Module]) -> list[str]:
+    """The configurable field names of a model class (flax's ``parent`` and ``name`` excluded)."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the registered variant ``name`` with field ``overrides`` (e.g. ``num_classes=10``)."""
+    if name not in VARIANTS:
+        raise ValueError(f"Unknown model {name!r}; registered variants: {sorted(VARIANTS)}.")
+    cls, defaults = VARIANTS[name]
+    allowed = model_fields(cls)
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"Model {name!r} ({cls.__name__}) has no field(s) {unknown}; fields: {allowed}."
+        )
+    kwargs = {**defaults, **overrides}
+    for key in ("dtype", "param_dtype"):
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = jnp.dtype(kwargs[key])
+    return cls(**kwargs)
+
+
+def count_params(tree: Any) -> int:
+    """Total number of elements of the arrays (or ShapeDtypeStructs) in a pytree."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+__all__ = [
+    "VARIANTS",
+    "Xception",
+    "XceptionAligned",
+    "count_params",
+    "create_model",
+    "model_fields",
+    "preprocess",
+    "round_channels",
+]
