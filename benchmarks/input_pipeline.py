@@ -1,0 +1,172 @@
+"""Throughput of the input pipeline (images/s of train_iterator, host side, uint8 batches out).
+
+Cases:
+- the embedded default 'sklearn_digits' (64x64 JPEGs) at 64 and 299 px;
+- fake ImageNet-sized JPEGs (500x375, ~110 KB like ImageNet's average, smooth random fields plus
+  noise) prepared by the real imagenet2012 TFDS builder from fake ILSVRC2012 tars, at 299 px;
+- the same fake ImageNet: records/s of the skip that exact resume does (encoded, no decoding).
+
+    python benchmarks/input_pipeline.py [--batches 30] [--work_dir /tmp/xj_bench_input]
+
+Everything is written under --work_dir (kept between runs: the datasets are built once).
+Figures depend on the cores tf.data can use: the script prints os.cpu_count() and the affinity.
+"""
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _fake_photo(rng, width=500, height=375):
+    """A JPEG of photo-like size: a smooth random colour field plus texture noise."""
+    from PIL import Image
+
+    coarse = rng.uniform(0, 255, size=(12, 16, 3)).astype(np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
+    field += rng.normal(0, 24, size=field.shape)  # ~110 KB per JPEG
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_fake_ilsvrc(manual_dir, classes=8, per_class=40, val=64, seed=0):
+    """Writes fake ILSVRC2012_img_train.tar (per-synset tars) and ILSVRC2012_img_val.tar."""
+    import tensorflow_datasets as tfds
+
+    synsets = tfds.core.tfds_path("datasets/imagenet2012/labels.txt").read_text().split()
+    rng = np.random.default_rng(seed)
+    sizes = []
+    os.makedirs(manual_dir, exist_ok=True)
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as train:
+        for synset in synsets[:classes]:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as class_tar:
+                for i in range(per_class):
+                    jpeg = _fake_photo(rng)
+                    sizes.append(len(jpeg))
+                    _add(class_tar, f"{synset}_{i}.JPEG", jpeg)
+            _add(train, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val_tar:
+        for i in range(val):
+            _add(val_tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _fake_photo(rng))
+    return float(np.mean(sizes))
+
+
+def _config(**overrides):
+    import ml_collections
+
+    fields = dict(
+        dataset="sklearn_digits",
+        data_dir="",
+        manual_dir="",
+        train_split="train",
+        eval_split="",
+        image_size=64,
+        batch_size=64,
+        eval_batch_size=64,
+        seed=0,
+        crop_area_range=(0.08, 1.0),
+        crop_aspect_range=(3 / 4, 4 / 3),
+        random_flip=True,
+        shuffle_buffer=2048,
+        prefetch_batches=2,
+    )
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def images_per_second(config, batches, warmup=3):
+    """images/s of train_iterator(config) over `batches` batches after `warmup`."""
+    from xception_jax import input_pipeline
+
+    iterator = input_pipeline.train_iterator(config)
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * config.batch_size / (time.perf_counter() - start)
+
+
+def skip_records_per_second(config, records):
+    """records/s (and MB/s) of the skip that train_iterator(config, start_step) does on resume.
+
+    The same record stream as train_iterator (per-epoch file order and shuffle buffer, records
+    still serialized), timed over `records` skipped records (several epochs of the small fake
+    dataset; in training the skip is always less than one epoch). Files are in the page cache.
+    """
+    import tensorflow as tf
+
+    from xception_jax import input_pipeline as ip
+
+    source = ip._source(config, config.train_split, 0, 1)
+
+    def epoch(e):
+        ds = source.files(ip._epoch_seed(config.seed, e, salt=0))
+        return ds.shuffle(config.shuffle_buffer, seed=ip._epoch_seed(config.seed, e, salt=1))
+
+    stream = tf.data.Dataset.range(0, 2**62).flat_map(epoch)
+    nbytes = stream.take(source.num_examples).reduce(
+        tf.constant(0, tf.int64), lambda n, r: n + tf.cast(tf.strings.length(r), tf.int64)
+    )
+    start = time.perf_counter()
+    next(iter(stream.skip(records).take(1)))
+    seconds = time.perf_counter() - start
+    mb = float(nbytes) / source.num_examples * records / 1e6
+    return records / seconds, mb / seconds
+
+
+def main(argv=None):
+    """Builds the datasets (once) and prints images/s for each case."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=30, help="timed batches per case")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--work_dir", default="/tmp/xj_bench_input")
+    args = parser.parse_args(argv)
+
+    from xception_jax import input_pipeline
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    print(f"cpu_count={os.cpu_count()} usable={cores} batch_size={args.batch_size}")
+    data_dir = os.path.join(args.work_dir, "tfds")
+    manual = os.path.join(args.work_dir, "ilsvrc2012")
+    input_pipeline.prepare_dataset("sklearn_digits", data_dir)
+    if not os.path.exists(os.path.join(manual, "ILSVRC2012_img_val.tar")):
+        mean_size = make_fake_ilsvrc(manual)
+        print(
+            f"fake ILSVRC2012: 8 classes x 40 train JPEGs of 500x375, mean {mean_size / 1e3:.0f} KB"
+        )
+    input_pipeline.prepare_dataset("imagenet2012", data_dir, manual)
+
+    results = []
+    for name, size, extra in (
+        ("sklearn_digits", 64, dict(crop_area_range=(0.5, 1.0), random_flip=False)),
+        ("sklearn_digits", 299, dict(crop_area_range=(0.5, 1.0), random_flip=False)),
+        ("imagenet2012 (fake, 500x375 JPEG)", 299, dict(dataset="imagenet2012")),
+    ):
+        config = _config(data_dir=data_dir, manual_dir=manual, image_size=size, **extra)
+        config.batch_size = args.batch_size
+        rate = images_per_second(config, args.batches)
+        results.append((name, size, rate))
+        print(f"train {name:36s} {size:3d} px: {rate:8.0f} images/s")
+    config = _config(data_dir=data_dir, manual_dir=manual, dataset="imagenet2012", image_size=299)
+    rate, mb_rate = skip_records_per_second(config, records=20 * 320)
+    print(f"resume skip (fake imagenet2012, encoded): {rate:8.0f} records/s, {mb_rate:.0f} MB/s")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,160 @@
+"""Shared pytest fixtures. TensorFlow is imported inside fixtures only, so that test files that do
+not use the data fixtures do not pay for it."""
+
+import io
+import os
+import tarfile
+import tempfile
+import types
+
+import numpy as np
+import pytest
+
+# Before anything imports JAX: 8 CPU devices for the sharding tests (a mesh over the first k of
+# them behaves as a k-device process), and one persistent compilation cache for the session, which
+# subprocesses inherit, so each distinct program compiles once.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="xj_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# --------------------------------------------------------------------------------------------
+# Data (owner: data engineer)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    """A TFDS data dir in which the embedded default 'sklearn_digits' was built from scratch."""
+    from xception_jax import input_pipeline
+
+    data_dir = str(tmp_path_factory.mktemp("tfds_digits"))
+    input_pipeline.prepare_dataset("sklearn_digits", data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def data_config():
+    """Factory: data_config(**overrides) -> ConfigDict of the fields input_pipeline reads."""
+    return make_data_config
+
+
+@pytest.fixture
+def color_of_label():
+    """label_color: the colour the fake datasets give to each label."""
+    return label_color
+
+
+@pytest.fixture
+def jpeg_of_color():
+    """solid_jpeg: JPEG bytes of a solid-colour image."""
+    return solid_jpeg
+
+
+@pytest.fixture(scope="session")
+def digits_sharded_data_dir(tmp_path_factory):
+    """'sklearn_digits' built into 5 files per split (exercises multi-file reading and resume)."""
+    from xception_jax import input_pipeline
+
+    data_dir = str(tmp_path_factory.mktemp("tfds_digits_sharded"))
+    builder = input_pipeline.prepare_dataset("sklearn_digits", data_dir, num_shards=5)
+    assert builder.info.splits["test"].num_shards == 5
+    return data_dir
+
+
+def make_data_config(**overrides):
+    """A data config (the fields input_pipeline reads) for small, fast test pipelines."""
+    import ml_collections
+
+    fields = dict(
+        dataset="sklearn_digits",
+        data_dir="",
+        manual_dir="",
+        image_folder="",
+        train_split="train",
+        eval_split="test",
+        image_size=16,
+        batch_size=32,
+        eval_batch_size=48,
+        seed=0,
+        crop_area_range=(0.5, 1.0),
+        crop_aspect_range=(3 / 4, 4 / 3),
+        random_flip=True,
+        shuffle_buffer=2048,
+        prefetch_batches=2,
+    )
+    fields.update(overrides)
+    return ml_collections.ConfigDict(fields)
+
+
+def solid_jpeg(color, size=(40, 30)):
+    """JPEG bytes of a solid-colour RGB image of size (width, height)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, tuple(int(c) for c in color)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def label_color(label):
+    """A colour that identifies a label (distinct for labels < 1000) after JPEG and resizing."""
+    rng = np.random.RandomState(label)
+    return rng.randint(20, 236, size=3)
+
+
+def _add_bytes(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+# First entries of TFDS's imagenet2012 labels.txt, and the labels TFDS's validation_labels.txt
+# gives to the first three validation file names in sorted order.
+FAKE_IMAGENET_TRAIN_SYNSETS = ("n01440764", "n01443537", "n01484850")
+FAKE_IMAGENET_VAL_SYNSETS = ("n01751748", "n09193705", "n02105855")
+FAKE_IMAGENET_TRAIN_PER_CLASS = 3
+
+
+@pytest.fixture(scope="session")
+def fake_imagenet(tmp_path_factory):
+    """imagenet2012 prepared by the real TFDS builder from tiny fake ILSVRC2012 tars.
+
+    ILSVRC2012_img_train.tar holds one tar per synset (n01440764.tar, ...) of JPEGs; the val
+    tar holds ILSVRC2012_val_0000000{1,2,3}.JPEG, whose labels TFDS takes from its bundled
+    validation_labels.txt. Every image is a solid colour given by label_color(label index).
+    Prepared through `python -m xception_jax.prepare_data`'s main. Returns a SimpleNamespace:
+    data_dir, manual_dir, names (the 1000 synsets, index = label), train_synsets, val_synsets
+    (in val file-name order), train_per_class.
+    """
+    import tensorflow_datasets as tfds
+
+    from xception_jax import prepare_data
+
+    labels_file = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
+    names = labels_file.read_text().split()
+    manual = tmp_path_factory.mktemp("ilsvrc2012")
+    with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train_tar:
+        for synset in FAKE_IMAGENET_TRAIN_SYNSETS:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as class_tar:
+                for i in range(FAKE_IMAGENET_TRAIN_PER_CLASS):
+                    jpeg = solid_jpeg(label_color(names.index(synset)))
+                    _add_bytes(class_tar, f"{synset}_{i}.JPEG", jpeg)
+            _add_bytes(train_tar, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val_tar:
+        for i, synset in enumerate(FAKE_IMAGENET_VAL_SYNSETS):
+            jpeg = solid_jpeg(label_color(names.index(synset)), size=(30, 40))
+            _add_bytes(val_tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG", jpeg)
+    data_dir = str(tmp_path_factory.mktemp("tfds_imagenet"))
+    prepare_data.main(
+        ["--dataset", "imagenet2012", "--data_dir", data_dir, "--manual_dir", os.fspath(manual)]
+    )
+    return types.SimpleNamespace(
+        data_dir=data_dir,
+        manual_dir=os.fspath(manual),
+        names=names,
+        train_synsets=FAKE_IMAGENET_TRAIN_SYNSETS,
+        val_synsets=FAKE_IMAGENET_VAL_SYNSETS,
+        train_per_class=FAKE_IMAGENET_TRAIN_PER_CLASS,
+    )

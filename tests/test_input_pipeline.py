@@ -1,0 +1,280 @@
+"""The input pipeline on real TFDS files and image folders, offline, with simulated processes."""
+
+import collections
+import io
+import itertools
+
+import numpy as np
+import pytest
+
+# Deterministic "augmentation": the whole image, unflipped, so that the training stream can be
+# compared example by example with an evaluation pass (central crop of fraction 1).
+IDENTITY_CROP = dict(crop_area_range=(1.0, 1.0), crop_aspect_range=(1.0, 1.0), random_flip=False)
+
+
+def _take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def _examples(batches, n=None):
+    """(image bytes, label) of the (masked-in) examples of the batches, the first n if given."""
+    out = []
+    for b in batches:
+        mask = b.get("mask", np.ones(len(b["label"]), bool))
+        out += [
+            (im.tobytes(), int(lb))
+            for im, lb, m in zip(b["image"], b["label"], mask, strict=True)
+            if m
+        ]
+    return out[:n] if n is not None else out
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def _ip():
+    from xception_jax import input_pipeline
+
+    return input_pipeline
+
+
+def test_train_batches_have_configured_size_dtype_and_labels(digits_data_dir, data_config):
+    config = data_config(data_dir=digits_data_dir, image_size=24, batch_size=32)
+    batch = next(_ip().train_iterator(config))
+    assert batch["image"].shape == (32, 24, 24, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+    assert batch["label"].min() >= 0 and batch["label"].max() < 10
+    info = _ip().get_dataset_info(config)
+    assert info.num_classes == 10 and info.class_names == tuple("0123456789")
+    assert (info.num_train_examples, info.num_eval_examples) == (1347, 450)
+
+
+def test_same_seed_gives_identical_batches(digits_data_dir, data_config):
+    config = data_config(data_dir=digits_data_dir)
+    a = _take(_ip().train_iterator(config), 3)
+    b = _take(_ip().train_iterator(config), 3)
+    _assert_same_batches(a, b)
+    config.seed = 1
+    c = _take(_ip().train_iterator(config), 3)
+    assert not np.array_equal(a[0]["label"], c[0]["label"])
+
+
+@pytest.mark.parametrize(
+    "process_count,data_dir", [(1, "digits_data_dir"), (2, "digits_sharded_data_dir")]
+)
+def test_start_at_step_k_equals_uninterrupted_across_epoch_boundary(
+    request, data_config, process_count, data_dir
+):
+    # 450 examples, 32 per global step: epoch 0 ends inside step 14.
+    data_dir = request.getfixturevalue(data_dir)
+    config = data_config(data_dir=data_dir, train_split="test", batch_size=32)
+    for index in range(process_count):
+        kw = dict(process_index=index, process_count=process_count)
+        uninterrupted = _take(_ip().train_iterator(config, **kw), 17)
+        resumed = _take(_ip().train_iterator(config, start_step=13, **kw), 4)
+        _assert_same_batches(uninterrupted[13:], resumed)
+
+
+@pytest.mark.parametrize(
+    "process_count,data_dir", [(2, "digits_data_dir"), (4, "digits_sharded_data_dir")]
+)
+def test_process_parts_are_disjoint_and_cover_the_split_each_epoch(
+    request, data_config, process_count, data_dir
+):
+    config = data_config(
+        data_dir=request.getfixturevalue(data_dir), train_split="test", eval_split="test",
+        batch_size=32, eval_crop_fraction=1.0, **IDENTITY_CROP,
+    )  # fmt: skip
+    whole = collections.Counter(_examples(_ip().eval_iterator(config, process_count=1)))
+    assert sum(whole.values()) == 450
+    sizes, epochs = [], [collections.Counter(), collections.Counter()]
+    for index in range(process_count):
+        kw = dict(process_index=index, process_count=process_count)
+        part = collections.Counter(_examples(_ip().eval_iterator(config, **kw)))
+        n = sum(part.values())
+        sizes.append(n)
+        local_batch = 32 // process_count
+        stream = _examples(_take(_ip().train_iterator(config, **kw), 2 * n // local_batch + 1))
+        # The training stream's first n examples are exactly this process's part, and so are
+        # the next n (the second epoch, in another order).
+        assert collections.Counter(stream[:n]) == part
+        assert collections.Counter(stream[n : 2 * n]) == part
+        assert stream[:n] != stream[n : 2 * n]
+        for epoch in epochs:
+            epoch.update(part)
+    assert max(sizes) - min(sizes) <= 1
+    assert epochs[0] == whole  # disjoint parts that cover the split
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_eval_padding_counts_every_example_once(digits_data_dir, data_config, process_count):
+    config = data_config(data_dir=digits_data_dir, eval_batch_size=48, eval_crop_fraction=1.0)
+    reference = collections.Counter(_examples(_ip().eval_iterator(config, process_count=1)))
+    counts, batch_counts = collections.Counter(), set()
+    for index in range(process_count):
+        batches = list(
+            _ip().eval_iterator(config, process_index=index, process_count=process_count)
+        )
+        batch_counts.add(len(batches))
+        for b in batches:
+            assert b["image"].shape == (48 // process_count, 16, 16, 3)
+            assert not b["image"][~b["mask"]].any()  # padding is blank and masked out
+        counts.update(_examples(batches))
+    assert len(batch_counts) == 1  # every process runs the same number of eval steps
+    assert batch_counts.pop() == _ip().num_eval_batches(config, process_count=process_count)
+    assert sum(counts.values()) == 450 and counts == reference
+
+
+def _make_folder(root, jpeg_of_color, color_of_label, corrupt=None):
+    """root/<split>/<class>/<img>: classes 'cat','dog','eel' (labels 0,1,2), JPEG and PNG files
+    of different sizes, each a solid colour given by its label."""
+    from PIL import Image
+
+    for split, per_class in (("train", 4), ("val", 2)):
+        for label, name in enumerate(("cat", "dog", "eel")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                color = tuple(int(c) for c in color_of_label(label))
+                if i % 2:
+                    buf = io.BytesIO()
+                    Image.new("RGB", (20 + 7 * i, 33), color).save(buf, format="PNG")
+                    (d / f"img{i}.png").write_bytes(buf.getvalue())
+                else:
+                    (d / f"img{i}.jpg").write_bytes(jpeg_of_color(color, size=(41, 27 + i)))
+    (root / "train" / "cat" / "notes.txt").write_text("not an image, ignored")
+    if corrupt:
+        (root / corrupt).write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+
+
+def _assert_colors_match_labels(batch, color_of_label, mask=None):
+    for k, (image, label) in enumerate(zip(batch["image"], batch["label"], strict=True)):
+        if mask is not None and not mask[k]:
+            continue
+        mean = image.reshape(-1, 3).mean(axis=0)
+        np.testing.assert_allclose(mean, color_of_label(int(label)), atol=6)
+
+
+def test_image_folder_keeps_labels_with_images(
+    tmp_path, data_config, color_of_label, jpeg_of_color
+):
+    _make_folder(tmp_path, jpeg_of_color, color_of_label)
+    config = data_config(
+        dataset="image_folder", image_folder=str(tmp_path), eval_split="val", image_size=20,
+        batch_size=8, eval_batch_size=4,
+    )  # fmt: skip
+    info = _ip().get_dataset_info(config)
+    assert info.class_names == ("cat", "dog", "eel")
+    assert (info.num_train_examples, info.num_eval_examples) == (12, 6)
+    for batch in _take(_ip().train_iterator(config), 4):
+        assert batch["image"].shape == (8, 20, 20, 3)
+        _assert_colors_match_labels(batch, color_of_label)
+    evals = list(_ip().eval_iterator(config))
+    assert sum(int(b["mask"].sum()) for b in evals) == 6
+    for b in evals:
+        _assert_colors_match_labels(b, color_of_label, b["mask"])
+
+
+def test_image_folder_undecodable_file_is_named(
+    tmp_path, data_config, color_of_label, jpeg_of_color
+):
+    _make_folder(tmp_path, jpeg_of_color, color_of_label, corrupt="val/dog/broken.jpg")
+    config = data_config(
+        dataset="image_folder", image_folder=str(tmp_path), eval_split="val", batch_size=4,
+        eval_batch_size=4,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"val/dog/broken\.jpg"):
+        list(_ip().eval_iterator(config))
+    config.train_split = "val"
+    with pytest.raises(ValueError, match=r"val/dog/broken\.jpg"):
+        _take(_ip().train_iterator(config), 3)
+
+
+def test_image_folder_missing_split_is_explained(tmp_path, data_config, jpeg_of_color):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "x.jpg").write_bytes(jpeg_of_color((1, 2, 3)))
+    config = data_config(dataset="image_folder", image_folder=str(tmp_path), eval_split="val")
+    with pytest.raises(
+        FileNotFoundError, match=r"split 'val' not found.*splits present: \['train'\]"
+    ):
+        _ip().get_dataset_info(config)
+
+
+def test_fake_imagenet_batches_are_shaped_and_labelled(fake_imagenet, data_config, color_of_label):
+    fake = fake_imagenet
+    config = data_config(
+        dataset="imagenet2012", data_dir=fake.data_dir, manual_dir=fake.manual_dir,
+        eval_split="", image_size=32, batch_size=4, eval_batch_size=2,
+    )  # fmt: skip
+    info = _ip().get_dataset_info(config)
+    assert info.num_classes == 1000 and info.class_names[0] == "n01440764"
+    assert (info.num_train_examples, info.num_eval_examples) == (9, 3)
+    train_labels = {fake.names.index(s) for s in fake.train_synsets}
+    for batch in _take(_ip().train_iterator(config), 3):
+        assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+        assert set(batch["label"].tolist()) <= train_labels
+        _assert_colors_match_labels(batch, color_of_label)
+    evals = list(_ip().eval_iterator(config))  # eval_split '' -> 'validation'
+    labels = [int(lb) for b in evals for lb, m in zip(b["label"], b["mask"], strict=True) if m]
+    assert sorted(labels) == sorted(fake.names.index(s) for s in fake.val_synsets)
+    for b in evals:
+        _assert_colors_match_labels(b, color_of_label, b["mask"])
+
+
+def test_preprocessing_gives_configured_size_and_is_a_function_of_the_seed(jpeg_of_color):
+    import tensorflow as tf
+    from PIL import Image
+
+    gradient = np.linspace(0, 255, 50 * 70 * 3).reshape(50, 70, 3).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")
+    ip = _ip()
+    for k, encoded in enumerate((buf.getvalue(), jpeg_of_color((10, 200, 30), size=(70, 50)))):
+        out = [
+            ip.preprocess_train(
+                tf.constant(encoded), tf.constant([0, s], tf.int64), image_size=29,
+                area_range=(0.2, 1.0),
+            ).numpy()
+            for s in (1, 1, 2)
+        ]  # fmt: skip
+        assert out[0].shape == (29, 29, 3) and out[0].dtype == np.uint8
+        np.testing.assert_array_equal(out[0], out[1])  # same seed, same crop and flip
+        if k == 0:  # the gradient shows a different crop for another seed
+            assert not np.array_equal(out[0], out[2])
+        ev = ip.preprocess_eval(tf.constant(encoded), image_size=17).numpy()
+        assert ev.shape == (17, 17, 3) and ev.dtype == np.uint8
+
+
+def test_global_batch_and_prefetch_to_device(digits_data_dir, data_config):
+    import jax
+
+    ip = _ip()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    n = len(jax.devices())
+    config = data_config(data_dir=digits_data_dir, batch_size=8 * n)
+    host = _take(ip.train_iterator(config), 3)
+    device = list(ip.prefetch_to_device(iter(host), 2, mesh))
+    assert len(device) == 3
+    for h, d in zip(host, device, strict=True):
+        assert isinstance(d["image"], jax.Array) and d["image"].shape == h["image"].shape
+        assert d["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+        np.testing.assert_array_equal(np.asarray(d["image"]), h["image"])
+        np.testing.assert_array_equal(np.asarray(d["label"]), h["label"])
+
+    def failing():
+        yield host[0]
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        list(ip.prefetch_to_device(failing(), 2, mesh))
+
+
+def test_batch_size_must_divide_among_processes(digits_data_dir, data_config):
+    config = data_config(data_dir=digits_data_dir, batch_size=30)
+    with pytest.raises(ValueError, match="not divisible by the number of processes"):
+        _ip().train_iterator(config, process_index=0, process_count=4)
