@@ -5,7 +5,10 @@
 Every host of a multi-host job runs this same command.
 """
 
+import logging
+
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -27,9 +30,15 @@ flags.DEFINE_integer("shutdown_timeout", 300, "Seconds to wait for peers at shut
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+    """Drops orbax's per-save INFO lines (a dozen per checkpoint), keeps its warnings."""
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    absl_logging.get_absl_handler().addFilter(_quiet_orbax)
     # Imported here so that --help and flag errors come back without loading JAX/TF.
     from xception_jax import sharding, train
 

@@ -10,8 +10,13 @@ import ml_collections
 from xception_jax import models
 
 
-def validate(config: ml_collections.ConfigDict, info, workdir: str) -> None:
-    """Raises ValueError naming the bad field and the fix; returns None when all is well."""
+def validate(
+    config: ml_collections.ConfigDict, info, workdir: str, num_devices: int | None = None
+) -> None:
+    """Raises ValueError naming the bad field and the fix; returns None when all is well.
+
+    `num_devices` is the size of the mesh the batch is split over (default: every device).
+    """
     errors = []
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         errors.append(f"--workdir {workdir} is a file; give a directory (it is created if absent).")
@@ -28,7 +33,7 @@ def validate(config: ml_collections.ConfigDict, info, workdir: str) -> None:
                 f"minimum of model {config.model.name!r}; use image_size >= "
                 f"{model.min_input_size}."
             )
-    devices, processes = jax.device_count(), jax.process_count()
+    devices, processes = num_devices or jax.device_count(), jax.process_count()
     for field in ("batch_size", "eval_batch_size"):
         value = config[field]
         if value <= 0 or value % devices:

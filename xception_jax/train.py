@@ -197,15 +197,20 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     """Trains and evaluates as `config` says, resuming from `workdir`'s newest checkpoint.
+
+    Args:
+      config: the experiment (see configs/common.py for every field).
+      workdir: where checkpoints, metrics.jsonl, TensorBoard events and config.json go.
+      devices: the devices to shard the batch over; every device of every process when None.
 
     Returns the final TrainState (replicated over the mesh).
     """
     info = input_pipeline.get_dataset_info(config)
-    config_validation.validate(config, info, workdir)
+    config_validation.validate(config, info, workdir, num_devices=len(devices or jax.devices()))
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.create_mesh()
+    mesh = sharding.create_mesh(devices)
     replicated = sharding.replicated(mesh)
 
     model = create_model_from_config(config, info.num_classes)
