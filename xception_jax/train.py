@@ -297,7 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 ema = evaluate(p_eval_step, state.ema_params, state.batch_stats, config, mesh)
                 record.update({f"eval_ema_{k}": v for k, v in ema.items()})
             logging.info(
-                "step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items())
+                "step %d eval: %s",
+                step,
+                "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval_")),
             )
             last_log_time = time.time()  # Evaluation time is not training throughput.
         if record:
