@@ -6,6 +6,7 @@ Every host of a multi-host job runs this same command.
 """
 
 import logging
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -22,7 +23,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes (also JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's index (also JAX_PROCESS_ID).")
-flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for every process to join.")
+flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for every process to join (then abort)."
+)
 flags.DEFINE_integer(
     "heartbeat_timeout", 100, "Seconds without a heartbeat before a peer counts as dead."
 )
@@ -35,23 +38,63 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
+def parse_flags(argv):
+    """absl's parsing, with a one-line error for a --config.<field> that does not exist.
+
+    config_flags raises a bare KeyError/AttributeError (with a traceback) for a misspelled
+    field, e.g. --config.modle.name=x; the config is locked, so typos never pass silently.
+    """
+    try:
+        return FLAGS(argv)
+    except (KeyError, AttributeError) as e:
+        message = e
+        while isinstance(message, BaseException) and message.args:
+            message = message.args[0]  # AttributeError wraps the KeyError that has the text.
+        message = str(message).replace("\n", ". ")
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        sys.stderr.write(
+            f"FATAL Flags parsing error: a --config override names a field that does not exist: "
+            f"{message}\n  Overrides given: {overrides}\n  Every field is listed in "
+            "configs/common.py (model fields in xception_jax/models.py).\n"
+        )
+        sys.exit(1)
+    except flags.Error as e:
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull.\n")
+        sys.exit(1)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     absl_logging.get_absl_handler().addFilter(_quiet_orbax)
     # Imported here so that --help and flag errors come back without loading JAX/TF.
-    from xception_jax import sharding, train
+    from xception_jax import checkpoints, config_validation, sharding, train
 
-    sharding.initialize_distributed(
-        FLAGS.coordinator_address,
-        FLAGS.num_processes,
-        FLAGS.process_id,
-        initialization_timeout=FLAGS.initialization_timeout,
-        heartbeat_timeout=FLAGS.heartbeat_timeout,
-        shutdown_timeout=FLAGS.shutdown_timeout,
+    # Errors a user can fix (config, checkpoint, cluster setup, diverged training) end the run
+    # with their message, no traceback; anything else keeps its traceback.
+    user_errors = (
+        config_validation.ConfigError,
+        checkpoints.CheckpointError,
+        sharding.DistributedSetupError,
+        train.NonFiniteLossError,
     )
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        # A lone process gets no jax.distributed (no coordinator port to open): preemption
+        # then uses preemption.StopSignal's Python SIGTERM handler. Any multi-process job
+        # (flags, JAX_* variables or a detected cluster) uses JAX's preemption sync point.
+        sharding.initialize_distributed(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            initialization_timeout=FLAGS.initialization_timeout,
+            heartbeat_timeout=FLAGS.heartbeat_timeout,
+            shutdown_timeout=FLAGS.shutdown_timeout,
+        )
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except user_errors as e:
+        absl_logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -3,7 +3,7 @@
 A checkpoint holds three items, so that a notebook can restore the model without the
 optimizer state (orbax cannot restore a subset of one item):
   model: {'params', 'batch_stats', 'ema_params'}
-  train: {'opt_state', 'step'}
+  train: {'opt_state', 'step', 'skipped_updates'} (older checkpoints lack the counter)
   meta:  JSON: layout version, number of classes, class names and the resolved config.
 """
 
@@ -14,8 +14,10 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 LAYOUT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -44,9 +46,14 @@ def create_manager(
         create=not read_only,
         read_only=read_only,
     )
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_names=("model", "train", "meta")
-    )
+    # Handlers named up front (not only item names) so that item_metadata() can describe a
+    # checkpoint's arrays before anything is restored (see check_fits).
+    handlers = {
+        "model": ocp.StandardCheckpointHandler(),
+        "train": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
 def meta_for(config: ml_collections.ConfigDict, num_classes: int, class_names) -> dict:
@@ -66,7 +73,7 @@ def save(manager: ocp.CheckpointManager, state, meta: dict, force: bool = False)
         step,
         args=ocp.args.Composite(
             model=ocp.args.StandardSave(_model_item(state)),
-            train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step}),
+            train=ocp.args.StandardSave(_train_item(state)),
             meta=ocp.args.JsonSave(meta),
         ),
         force=force,
@@ -80,8 +87,80 @@ def _model_item(state) -> dict:
     return item
 
 
+def _train_item(state) -> dict:
+    return {
+        "opt_state": state.opt_state,
+        "step": state.step,
+        "skipped_updates": state.skipped_updates,
+    }
+
+
 def _abstract(tree):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Shape, dtype and sharding of each leaf (of arrays or of ShapeDtypeStructs)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree,
+    )
+
+
+def _leaf_shapes(tree) -> dict:
+    """{'a/b/c': (shape, dtype)} of a tree of arrays, ShapeDtypeStructs or orbax metadata."""
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): (
+            tuple(leaf.shape),
+            str(leaf.dtype),
+        )
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def check_fits(manager: ocp.CheckpointManager, step: int, state) -> None:
+    """Raises CheckpointError naming the first leaves where checkpoint `step` and `state` differ.
+
+    Compares the checkpoint's array metadata (names, shapes, dtypes) with the target before
+    restoring, so that another model, width, class count or optimizer gives an error that
+    says what differs instead of a failure deep inside orbax or tensorstore.
+    """
+    metadata = manager.item_metadata(step)
+    stored = {
+        f"{item}/{name}": v
+        for item in ("model", "train")
+        for name, v in _leaf_shapes(metadata[item]).items()
+    }
+    train_item = _train_item(state)
+    if not any(k.startswith("train/skipped_updates") for k in stored):
+        train_item.pop("skipped_updates")  # Written before the counter was checkpointed.
+    wanted = {
+        f"{item}/{name}": v
+        for item, tree in (("model", _model_item(state)), ("train", train_item))
+        for name, v in _leaf_shapes(tree).items()
+    }
+
+    def order(name):  # Parameters first: they say the most about what differs.
+        return (not name.startswith("model/params/"), name)
+
+    problems = [
+        f"{k}: {stored[k][0]} {stored[k][1]} in the checkpoint, {wanted[k][0]} {wanted[k][1]} "
+        "in this run"
+        for k in sorted(stored.keys() & wanted.keys(), key=order)
+        if stored[k] != wanted[k]
+    ]
+    problems += [
+        f"{k}: in this run, not in the checkpoint"
+        for k in sorted(wanted.keys() - stored.keys(), key=order)
+    ]
+    problems += [
+        f"{k}: in the checkpoint, not in this run"
+        for k in sorted(stored.keys() - wanted.keys(), key=order)
+    ]
+    if problems:
+        shown = "\n  - ".join(problems[:8])
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise CheckpointError(
+            f"Checkpoint {step} in {manager.directory} was written by another model or optimizer "
+            f"({len(problems)} mismatching arrays):\n  - {shown}{more}\nResume with the config "
+            "that wrote it (its config.json is in the workdir) or train into a new --workdir."
+        )
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -98,51 +177,107 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, state):
-    """Restores checkpoint `step` into the structure, shapes and shardings of `state`."""
+    """Restores checkpoint `step` into the structure, shapes and shardings of `state`.
+
+    `state` may be concrete or abstract (ShapeDtypeStructs carrying shardings): restoring into
+    an abstract state spares the initialisation's compilation on resume.
+    """
+    stored_train = manager.item_metadata(step)["train"]
+    train_item = _train_item(state)
+    if "skipped_updates" not in stored_train:
+        train_item.pop("skipped_updates")
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
             model=ocp.args.StandardRestore(_abstract(_model_item(state))),
-            train=ocp.args.StandardRestore(
-                _abstract({"opt_state": state.opt_state, "step": state.step})
-            ),
+            train=ocp.args.StandardRestore(_abstract(train_item)),
         ),
     )
     model, train = restored["model"], restored["train"]
+    skipped = train.get("skipped_updates")
+    if skipped is None:
+        skipped = jax.device_put(np.zeros((), np.int32), state.step.sharding)
     return state.replace(
         params=model["params"],
         batch_stats=model["batch_stats"],
         ema_params=model.get("ema_params"),
         opt_state=train["opt_state"],
         step=train["step"],
+        skipped_updates=skipped,
     )
+
+
+UNREADABLE_DIR = "unreadable_checkpoints"
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves unreadable checkpoints out of orbax's directory (kept for inspection, not deleted).
+
+    Left in place, the resumed run's save of the same step would collide with them.
+    """
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        root = os.path.join(os.path.dirname(str(manager.directory)), UNREADABLE_DIR)
+        os.makedirs(root, exist_ok=True)
+        for step in steps:
+            target = os.path.join(root, str(step))
+            while os.path.exists(target):
+                target += "_"
+            os.replace(os.path.join(str(manager.directory), str(step)), target)
+            logging.warning("Moved unreadable checkpoint %d to %s.", step, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("xception_jax_set_aside_unreadable_checkpoints")
+    manager.reload()
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):
     """Restores the newest usable checkpoint into `state`, or returns None when there is none.
 
-    A newest checkpoint that fails to read (truncated, corrupt) is skipped with a warning naming
-    it and the previous one is tried; nothing is deleted.
+    A checkpoint that fails to read (truncated, corrupt, partly deleted) is skipped with a
+    warning naming it, the previous one is tried, and the skipped ones are moved to
+    `workdir/unreadable_checkpoints/` (nothing is deleted). A readable checkpoint of a newer
+    layout or of another model raises CheckpointError: an older one would not fit either.
     """
     steps = sorted(manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-        read_meta(manager, step)
+    skipped = []
+    for step in steps:
+        path = os.path.join(str(manager.directory), str(step))
         try:
-            return restore_state(manager, step, state)
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds.
-            if i + 1 == len(steps):
-                raise CheckpointError(
-                    f"No checkpoint in {manager.directory} could be restored; the oldest, "
-                    f"step {step}, failed with: {e}"
-                ) from e
-            logging.warning(
-                "Checkpoint %s is unreadable (%s: %s); skipping it and trying step %d.",
-                os.path.join(str(manager.directory), str(step)),
-                type(e).__name__,
-                e,
-                steps[i + 1],
-            )
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore/json raise many kinds.
+            _warn_unreadable(path, e, skipped, steps)
+            skipped.append(step)
+            continue
+        if meta["meta"].get("layout_version") != LAYOUT_VERSION:
+            read_meta(manager, step)  # Raises the layout error.
+        check_fits(manager, step, state)
+        try:
+            restored = restore_state(manager, step, state)
+        except Exception as e:  # noqa: BLE001
+            _warn_unreadable(path, e, skipped, steps)
+            skipped.append(step)
+            continue
+        _set_aside(manager, skipped)
+        return restored
+    if skipped:
+        raise CheckpointError(
+            f"No checkpoint in {manager.directory} could be restored (tried steps {skipped}; "
+            "see the warnings above). Move them away to start from scratch."
+        )
     return None
+
+
+def _warn_unreadable(path: str, error: Exception, skipped: list, steps: list) -> None:
+    rest = [s for s in steps if s not in skipped][1:]
+    logging.warning(
+        "Checkpoint %s is unreadable (%s: %s); skipping it%s.",
+        path,
+        type(error).__name__,
+        str(error)[:500],
+        f" and trying step {rest[0]}" if rest else "",
+    )
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

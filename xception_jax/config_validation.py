@@ -2,22 +2,102 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 
 import jax
 import ml_collections
 
-from xception_jax import models
+from xception_jax import input_pipeline, models
+
+# Fields that checkpoints.load() adds to a run's config (a loaded config may be trained on).
+_DERIVED_FIELDS = ("num_classes", "class_names")
+
+
+class ConfigError(ValueError):
+    """A config that cannot train; the message names each bad field and its fix."""
+
+
+def _field_names(config, prefix: str = "") -> set[str]:
+    names = set()
+    for key, value in config.items():
+        names.add(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            names |= _field_names(value, f"{prefix}{key}.")
+    return names
+
+
+def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """Messages for fields that configs/common.py does not define (typos), with suggestions.
+
+    `config.model.*` is left to the model, which rejects fields it does not have. Empty when
+    configs/common.py is not importable (xception_jax used outside this repository).
+    """
+    try:
+        from configs import common
+    except ImportError:
+        return []
+    known = _field_names(common.base_config()) | set(_DERIVED_FIELDS)
+    messages = []
+    for name in sorted(_field_names(config) - known):
+        if name.startswith("model.") or any(name.startswith(f"{k}.") for k in _DERIVED_FIELDS):
+            continue
+        parent = name.rpartition(".")[0]
+        if parent and parent not in known:
+            continue  # Reported once, for the unknown parent.
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" Did you mean config.{close[0]}?" if close else ""
+        messages.append(
+            f"config.{name} is not a config field.{hint} Every field is listed in "
+            "configs/common.py."
+        )
+    return messages
+
+
+def dataset_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """A message when config.dataset is neither 'image_folder' nor a registered TFDS dataset."""
+    import tensorflow_datasets as tfds
+
+    name = str(config.dataset)
+    if name == input_pipeline.IMAGE_FOLDER:
+        return []
+    base = name.split("/")[0]
+    if ":" in base:
+        base, _, version = base.partition(":")
+        if not version[:1].isdigit():
+            return []  # A community dataset ("namespace:name"): TFDS resolves it.
+    try:
+        tfds.builder_cls(base)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = [input_pipeline.IMAGE_FOLDER, *tfds.list_builders(with_community_datasets=False)]
+        close = difflib.get_close_matches(base, known, n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return [
+            f"config.dataset={name!r} is not a TFDS dataset nor 'image_folder'.{hint} The "
+            "embedded default is 'sklearn_digits'."
+        ]
+    return []
+
+
+def check_num_classes(config: ml_collections.ConfigDict, info) -> None:
+    """Raises ConfigError when the dataset has fewer than 2 classes."""
+    if info.num_classes < 2:
+        raise ConfigError(
+            f"Invalid config:\n  - Dataset {config.dataset!r} has {info.num_classes} classes; "
+            "need >= 2."
+        )
 
 
 def validate(
     config: ml_collections.ConfigDict, info, workdir: str, num_devices: int | None = None
 ) -> None:
-    """Raises ValueError naming the bad field and the fix; returns None when all is well.
+    """Raises ConfigError naming every bad field and its fix; returns None when all is well.
 
-    `num_devices` is the size of the mesh the batch is split over (default: every device).
+    `info` is the dataset's DatasetInfo, or None to check the config before reading the
+    dataset. `num_devices` is the size of the mesh the batch is split over (default: every
+    device). Nothing here compiles or writes anything.
     """
-    errors = []
+    errors = unknown_fields(config)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         errors.append(f"--workdir {workdir} is a file; give a directory (it is created if absent).")
     try:
@@ -52,7 +132,8 @@ def validate(
             errors.append(f"config.{field}={config[field]} must be a positive number of steps.")
     if not 0 <= config.ema_decay < 1:
         errors.append(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 turns EMA off).")
-    if info.num_classes < 2:
+    errors += dataset_errors(config)
+    if info is not None and info.num_classes < 2:
         errors.append(f"Dataset {config.dataset!r} has {info.num_classes} classes; need >= 2.")
     if errors:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import secrets
+
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -30,6 +36,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+class DistributedSetupError(RuntimeError):
+    """A multi-process job that cannot start as configured (flags, environment, filesystem)."""
+
+
+def _from_env(value, name: str, cast=str):
+    """`value` when given, else environment variable `name` (cast), else None."""
+    if value is not None:
+        return value
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        return cast(raw)
+    except ValueError as e:
+        raise DistributedSetupError(f"Environment variable {name}={raw!r} is not valid: {e}") from e
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -40,13 +63,19 @@ def initialize_distributed(
 ) -> None:
     """Joins this process to a multi-process JAX job.
 
-    With no coordinator, JAX detects the cluster itself (TPU pods, SLURM, ...); outside one,
-    a single process runs alone and this is a no-op. The timeouts (seconds) bound how long a
-    missing or dead peer can hang the job.
+    Explicit when any of coordinator_address / num_processes / process_id is given, by argument
+    or by the environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID (JAX itself reads only the first). Otherwise JAX detects the cluster
+    (TPU pods, SLURM, Open MPI, ...); where it detects none, a single process runs alone
+    without `jax.distributed` and this is a no-op (preemption then falls back to a Python
+    SIGTERM handler, see preemption.StopSignal). The timeouts (seconds) bound how long a missing
+    or dead peer can hang the job before JAX aborts it.
     """
-    explicit = coordinator_address is not None or (num_processes or 1) > 1
     if jax.distributed.is_initialized():
         return
+    coordinator_address = _from_env(coordinator_address, "JAX_COORDINATOR_ADDRESS")
+    num_processes = _from_env(num_processes, "JAX_NUM_PROCESSES", int)
+    process_id = _from_env(process_id, "JAX_PROCESS_ID", int)
     kwargs = {}
     if initialization_timeout is not None:
         kwargs["initialization_timeout"] = initialization_timeout
@@ -54,21 +83,28 @@ def initialize_distributed(
         kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout
     if shutdown_timeout is not None:
         kwargs["shutdown_timeout_seconds"] = shutdown_timeout
-    if explicit:
-        if coordinator_address is None or num_processes is None or process_id is None:
-            raise ValueError(
+    given = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in given):
+        if any(v is None for v in given):
+            raise DistributedSetupError(
                 "Multi-process training needs all of --coordinator_address, --num_processes "
                 "and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                 "JAX_PROCESS_ID environment variables); got "
                 f"coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, "
                 f"process_id={process_id!r}."
             )
+        if not 0 <= process_id < num_processes:
+            raise DistributedSetupError(
+                f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
+            )
         jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
     else:
         try:
             jax.distributed.initialize(**kwargs)
-        except (ValueError, RuntimeError) as e:
-            # No cluster detected: a plain single-process run.
+        except ValueError as e:
+            # No cluster detected ("coordinator_address should be defined"): a plain
+            # single-process run. Other errors (a detected cluster that fails to connect)
+            # propagate: running alone there would silently train N independent copies.
             logging.info("Running as a single process (no cluster detected: %s).", e)
             return
     logging.info(
@@ -77,4 +113,91 @@ def initialize_distributed(
         jax.process_count(),
         jax.local_device_count(),
         jax.device_count(),
+    )
+
+
+WORKDIR_TOKEN = ".shared_workdir_check"
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Checks that every process sees the same `workdir` (one shared filesystem).
+
+    Process 0 writes a random nonce into the workdir and broadcasts it; every process reads the
+    file back and all of them learn who saw it. Without this, hosts with local disks would each
+    write their own partial checkpoints and a resume would silently restore a mixture. Raises
+    DistributedSetupError on every process (so none is left waiting) when a process differs.
+    No-op for a single process. The workdir must exist on every process.
+    """
+    if jax.process_count() == 1:
+        return
+    barrier("xception_jax_check_shared_workdir")  # Start the collectives below together.
+    path = os.path.join(workdir, WORKDIR_TOKEN)
+    nonce = np.zeros(4, np.int32)
+    if jax.process_index() == 0:
+        nonce = np.frombuffer(secrets.token_bytes(16), np.int32).copy()
+        with open(path + ".tmp", "w") as f:
+            f.write(nonce.tobytes().hex())
+        os.replace(path + ".tmp", path)
+    # Also a barrier: no process gets the nonce before process 0 has written the file.
+    expected = np.asarray(multihost_utils.broadcast_one_to_all(nonce)).tobytes().hex()
+    try:
+        with open(path) as f:
+            seen = f.read().strip() == expected
+    except OSError:
+        seen = False
+    seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+    if jax.process_index() == 0:
+        os.remove(path)
+    missing = [i for i, ok in enumerate(seen_by) if not ok]
+    if missing:
+        raise DistributedSetupError(
+            f"Process(es) {missing} do not see the workdir that process 0 writes "
+            f"({os.path.abspath(workdir)}): the token file {WORKDIR_TOKEN} process 0 wrote there "
+            "is missing or different. --workdir must be one directory shared by every host "
+            "(e.g. NFS or a gs:// bucket), or checkpoints would be split across hosts."
+        )
+
+
+def fingerprint(tree) -> str:
+    """A hash of the bytes of this process's copy of every leaf (replicated arrays)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        local = leaf.addressable_shards[0].data if isinstance(leaf, jax.Array) else leaf
+        digest.update(np.ascontiguousarray(np.asarray(local)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_replicas_agree(tree, what: str) -> str:
+    """Checks that every process holds bitwise the same `tree`; returns its fingerprint.
+
+    Replicated state is computed independently by each process: a silent divergence (a
+    nondeterministic op, a host-dependent input) would otherwise only surface as a checkpoint
+    that no process actually had. Raises DistributedSetupError naming the processes.
+    """
+    mine = fingerprint(tree)
+    if jax.process_count() > 1:
+        code = np.frombuffer(bytes.fromhex(mine), np.int32)
+        codes = np.asarray(multihost_utils.process_allgather(code)).reshape(jax.process_count(), -1)
+        differ = [i for i in range(len(codes)) if not np.array_equal(codes[i], codes[0])]
+        if differ:
+            raise DistributedSetupError(
+                f"{what} of process(es) {differ} differ from process 0's: the processes "
+                "diverged. Check that every host runs the same code, config and data."
+            )
+    logging.info(
+        "%s fingerprint %s (identical on all %d processes).", what, mine, jax.process_count()
+    )
+    return mine
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process reaches `name` (no-op for one process).
+
+    A coordination-service barrier, not a device collective: it waits up to `timeout_s` (a
+    dead peer is caught sooner by the heartbeat), where a CPU collective gives up after ~30 s.
+    """
+    if jax.process_count() == 1:
+        return
+    ocp.multihost.sync_global_processes(
+        name, timeout=timeout_s, processes=set(range(jax.process_count()))
     )
