@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.residual = True
     config.model.intermediate_activation = "none"  # 'none' | 'relu' | 'elu' (paper Fig. 10).
     config.model.dropout_rate = 0.0
+    config.model.remat = False  # Recompute separable convs' inner activations: less memory.
     config.half_precision = False  # bfloat16 compute, float32 params.
 
     # Data (xception_jax.input_pipeline).
@@ -66,6 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.ema_decay = 0.0  # Polyak averaging of params; 0: off. Eval reports both when on.
     config.skip_nonfinite_updates = False  # False: stop on a non-finite loss.
 
+    # Fine-tuning (xception_jax.pretrained, configs/finetune.py): start a new run from
+    # pretrained weights, every variable but the classifier ('predictions', fresh for the
+    # dataset's classes); ignored when the workdir has a checkpoint (the run resumes instead).
+    config.init_from_keras = ml_collections.config_dict.placeholder(str)  # Keras .h5 file.
+    config.init_from_workdir = ml_collections.config_dict.placeholder(str)  # A run's workdir.
+    # Train only the classifier for this many steps (0: never freeze). Meanwhile the backbone
+    # runs in inference mode: parameters and BatchNorm statistics stay exactly as loaded.
+    config.freeze_backbone_steps = 0
+
     # Duration and cadence.
     config.num_train_steps = -1  # -1: derived from num_epochs.
     config.num_epochs = 100.0
@@ -73,4 +83,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 1000
     config.max_checkpoints_to_keep = 3
+
+    # JAX's persistent compilation cache: a rerun or resume of the same model and shapes loads
+    # its compiled steps instead of compiling again. '' turns it off; the environment variable
+    # JAX_COMPILATION_CACHE_DIR, when set, wins.
+    config.compilation_cache_dir = "~/.cache/xception_jax/jax_compilation_cache"
+    # CPU: keep freed memory in the heap for reuse instead of page-faulting fresh pages every
+    # step (xception_jax.cpu_runtime.tune_malloc); the process keeps its peak heap.
+    config.cpu_malloc_tuning = True
     return config

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import traverse_util
@@ -133,7 +135,75 @@ def create_optimizer(
             raise ValueError(
                 f"config.optimizer.name={opt.name!r} is unknown; use one of {OPTIMIZERS}."
             )
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if config.get("freeze_backbone_steps", 0) > 0:
+        # Fine-tuning: only the classifier trains for the first steps (xception_jax.pretrained).
+        tx = freeze_for_steps(tx, backbone_mask, config.freeze_backbone_steps)
+    return tx, schedule
+
+
+HEAD_MODULES = ("predictions",)  # The classifier: what a fine-tune replaces and trains first.
+
+
+def backbone_mask(params):
+    """Pytree of bools: True for every parameter outside the classifier (HEAD_MODULES)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({p: p[0] not in HEAD_MODULES for p in flat})
+
+
+class FreezeState(NamedTuple):
+    """State of `freeze_for_steps`: steps seen, and the wrapped optimizer's state."""
+
+    count: jax.Array
+    inner_state: optax.OptState
+
+
+def _keep_frozen(new_state, old_state, freeze):
+    """`new_state` with the entries of frozen parameters taken from `old_state`.
+
+    Every subtree of an optimizer state shaped like the parameters (momentum, second moments,
+    ...) is masked with `freeze`; everything else (step counts, hence schedules) moves on.
+    """
+    treedef = jax.tree.structure(freeze)
+    like_params = lambda x: jax.tree.structure(x) == treedef
+
+    def pick(new, old):
+        if like_params(new):
+            return jax.tree.map(lambda n, o, f: jnp.where(f, o, n), new, old, freeze)
+        return new
+
+    return jax.tree.map(pick, new_state, old_state, is_leaf=like_params)
+
+
+def freeze_for_steps(
+    inner: optax.GradientTransformation, mask, num_steps: int
+) -> optax.GradientTransformation:
+    """Wraps `inner` so that the parameters where `mask` is True stay fixed for `num_steps`.
+
+    While frozen, those parameters get exactly zero updates (so they stay bitwise equal), their
+    gradients are zeroed before `inner` sees them (gradient clipping then measures only the
+    trainable part), and their entries of `inner`'s state are kept as they were (momentum and
+    the like do not drift, e.g. through weight decay); step counts advance for everyone, so
+    learning-rate schedules follow the global step. Afterwards `inner` runs unchanged.
+    `mask`: pytree of bools like the parameters, or a function of the gradients giving one.
+    """
+
+    def init_fn(params):
+        return FreezeState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        frozen_now = state.count < num_steps
+        freeze = jax.tree.map(
+            lambda m: jnp.logical_and(frozen_now, m), mask(updates) if callable(mask) else mask
+        )
+        zero = lambda x, f: jnp.where(f, jnp.zeros_like(x), x)
+        grads = jax.tree.map(zero, updates, freeze)
+        new_updates, inner_state = inner.update(grads, state.inner_state, params)
+        new_updates = jax.tree.map(zero, new_updates, freeze)
+        inner_state = _keep_frozen(inner_state, state.inner_state, freeze)
+        return new_updates, FreezeState(optax.safe_increment(state.count), inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def ema_update(ema_params, params, decay: float):

@@ -1,0 +1,85 @@
+"""curves.py: grouping over seeds, labels, the figure files and the table's numbers."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xception_jax import curves
+
+
+def _write_run(workdir, residual, seed, accs):
+    os.makedirs(workdir)
+    config = {"model": {"name": "xception_tiny", "residual": residual}, "seed": seed, "lr": 0.1}
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
+    rng = np.random.default_rng(seed + 10 * residual)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for i, step in enumerate(range(10, 10 * (2 * len(accs) + 1), 10)):
+            record = {"step": step, "wall_time": step * 0.5 + seed, "train_loss": 2.0 / step}
+            if i % 2:
+                record.update(eval_accuracy=accs[i // 2], eval_loss=float(rng.random()))
+            f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def workdirs(tmp_path):
+    """2 variants x 2 seeds; eval accuracy lists chosen so that best != final."""
+    accs = {
+        (True, 0): [0.5, 0.9123456789, 0.88],
+        (True, 1): [0.6, 0.85, 0.87],
+        (False, 0): [0.3, 0.7, 0.8],
+        (False, 1): [0.2, 0.75, 0.7],
+    }
+    dirs = []
+    for (residual, seed), values in accs.items():
+        d = str(tmp_path / f"res{residual}" / f"seed{seed}")
+        _write_run(d, residual, seed, values)
+        dirs.append(d)
+    return dirs
+
+
+def test_groups_differ_only_by_seed_and_are_labelled_by_the_differing_field(workdirs):
+    groups = curves.group_runs([curves.load_run(w) for w in workdirs])
+    assert sorted(g.label for g in groups) == ["residual=False", "residual=True"]
+    assert all(len(g.runs) == 2 for g in groups)
+    group = next(g for g in groups if g.label == "residual=True")
+    steps, _, mean, lo, hi = curves.aggregate(group, "eval_accuracy")
+    np.testing.assert_array_equal(steps, [20, 40, 60])
+    np.testing.assert_allclose(mean, [0.55, (0.9123456789 + 0.85) / 2, 0.875])
+    np.testing.assert_allclose(lo, [0.5, 0.85, 0.87])
+    np.testing.assert_allclose(hi, [0.6, 0.9123456789, 0.88])
+
+
+def test_command_writes_png_svg_and_a_table_with_the_files_numbers(workdirs, tmp_path, capsys):
+    out = str(tmp_path / "fig" / "curves.png")
+    table_file = str(tmp_path / "table.md")
+    curves.main([*workdirs, "--out", out, "--log_loss", "--table", table_file])
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 500 and image.size[1] > 400
+    assert os.path.getsize(out) > 10_000
+    assert os.path.getsize(out[:-4] + ".svg") > 10_000
+    printed = capsys.readouterr().out
+    with open(table_file) as f:
+        md = f.read()
+    assert md.strip() in printed
+    # One row per run: final and best eval accuracy exactly as in its metrics file (4 digits).
+    for workdir in workdirs:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            evals = [r for r in map(json.loads, f) if "eval_accuracy" in r]
+        final, best = evals[-1], max(evals, key=lambda r: r["eval_accuracy"])
+        row = next(line for line in md.splitlines() if f"| {os.path.normpath(workdir)} |" in line)
+        numbers = re.findall(r"(\d\.\d{4}) \((\d+)\)", row)
+        assert numbers == [
+            (f"{final['eval_accuracy']:.4f}", str(final["step"])),
+            (f"{best['eval_accuracy']:.4f}", str(best["step"])),
+        ]
+    assert "| residual=True | 2 | 0.8750 | 0.8700 | 0.8800 |" in md
+
+
+def test_a_workdir_without_metrics_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        curves.load_run(str(tmp_path))

@@ -1,0 +1,130 @@
+"""Fine-tuning: pretrained loading, head replacement, and a freeze that freezes exactly."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import finetune
+from xception_jax import checkpoints, keras_weights, optim, pretrained, train
+
+KERAS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import h5py, keras
+    from keras.src.legacy.saving import legacy_h5_format
+    keras.utils.set_random_seed(0)
+    model = keras.applications.Xception(
+        weights=None, input_shape=(71, 71, 3), classes=5, classifier_activation=None)
+    with h5py.File(sys.argv[1], "w") as f:  # The layout of Keras's ImageNet files.
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def keras_file(tmp_path_factory):
+    """A randomly initialised Keras Xception (5 classes) saved as a legacy .h5 weight file."""
+    path = str(tmp_path_factory.mktemp("keras") / "xception.h5")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    subprocess.run([sys.executable, "-c", KERAS_SCRIPT, path], env=env, check=True, timeout=300)
+    return path
+
+
+def test_freeze_for_steps_gives_zero_updates_and_keeps_the_optimizer_state():
+    params = {
+        "block1_conv1": {"kernel": jnp.ones((3, 3))},
+        "predictions": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+    }
+    inner = optax.chain(
+        optax.add_decayed_weights(0.1),  # Would move frozen weights and their momentum.
+        optax.sgd(optax.linear_schedule(1.0, 0.0, 10), momentum=0.9),
+    )
+    tx = optim.freeze_for_steps(inner, optim.backbone_mask, num_steps=2)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    for step in range(3):
+        updates, state = tx.update(grads, state, params)
+        trace = state.inner_state[1][0].trace
+        if step < 2:
+            assert not np.any(np.asarray(updates["block1_conv1"]["kernel"]))
+            assert not np.any(np.asarray(trace["block1_conv1"]["kernel"]))
+        else:
+            assert np.all(np.asarray(updates["block1_conv1"]["kernel"]) != 0)
+        assert np.all(np.asarray(updates["predictions"]["kernel"]) != 0)
+        params = optax.apply_updates(params, updates)
+    # Schedules follow the global step, frozen or not.
+    assert int(state.inner_state[1][1].count) == 3
+
+
+def test_merge_names_what_does_not_fit():
+    fresh = {
+        "params": {"a": {"kernel": np.zeros((2, 3))}, "predictions": {"bias": np.zeros(4)}},
+        "batch_stats": {},
+    }
+    ok = pretrained.merge(fresh, {"params": {"a": {"kernel": np.ones((2, 3))}}})
+    assert ok["params"]["a"]["kernel"].sum() == 6 and ok["params"]["predictions"]["bias"].sum() == 0
+    with pytest.raises(ValueError, match=r"params/a/kernel: model \(2, 3\), src \(3, 3\)"):
+        pretrained.merge(fresh, {"params": {"a": {"kernel": np.ones((3, 3))}}}, "src")
+    with pytest.raises(ValueError, match="params/b/kernel of src has no place"):
+        pretrained.merge(
+            fresh, {"params": {"a": {"kernel": np.ones((2, 3))}, "b": {"kernel": 1}}}, "src"
+        )
+
+
+def _same(a, b):
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def test_finetune_from_keras_changes_only_what_the_freeze_allows(keras_file, tmp_path):
+    from conftest import label_color, solid_jpeg
+
+    root = tmp_path / "colors"
+    for split, count in (("train", 4), ("test", 1)):
+        for label in range(3):
+            os.makedirs(root / split / f"c{label}")
+            for i in range(count):
+                (root / split / f"c{label}" / f"{i}.jpg").write_bytes(
+                    solid_jpeg(label_color(label))
+                )
+    config = finetune.get_config()
+    config.init_from_keras = keras_file
+    config.image_folder = str(root)
+    config.image_size = 71
+    config.batch_size = 2
+    config.eval_batch_size = 4
+    config.freeze_backbone_steps = 1
+    config.num_train_steps = 2
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 1
+    config.max_checkpoints_to_keep = 5
+    config.schedule.base_learning_rate = 0.05
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+    keras = keras_weights.load(keras_file, include_top=False)
+    frozen, free = (checkpoints.load(workdir, step=s)[1] for s in (1, 2))
+    backbone = lambda v: {k: x for k, x in v.items() if k != "predictions"}
+    # Frozen step: parameters and BatchNorm statistics exactly the file's.
+    assert _same(backbone(frozen["params"]), keras["params"])
+    assert _same(frozen["batch_stats"], keras["batch_stats"])
+    head = frozen["params"]["predictions"]["kernel"]
+    assert head.shape == (2048, 3)  # The file's 5-class head was replaced.
+    assert not np.array_equal(head, free["params"]["predictions"]["kernel"])
+    # After the freeze: the backbone trains and its statistics move.
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), backbone(free["params"]), keras["params"]
+    )
+    assert np.mean(jax.tree.leaves(changed)) > 0.9
+    assert not _same(free["batch_stats"], keras["batch_stats"])

@@ -1,0 +1,264 @@
+"""Training curves of any set of workdirs, grouped over seeds, and a table of eval accuracies.
+
+    python -m xception_jax.curves runs/sweep/*/seed* --out curves.png [--log_loss] [--table t.md]
+
+Reads `metrics.jsonl` and `config.json` of each workdir. Runs whose configs differ only in
+`seed` form one group, drawn as the mean over its runs with a min-max band; groups are labelled
+with the config fields that differ between them. Writes a 2x2 figure (train loss and eval
+accuracy, against step and against wall time) as PNG and SVG, and prints a markdown table of
+the final and best eval accuracy of every run, numbers taken as they are from the metrics files
+(rounded for display only). Importable: `load_run`, `group_runs`, `plot`, `table`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+SEED_FIELD = "seed"
+
+
+@dataclasses.dataclass
+class Run:
+    """One workdir: its flattened config and its metric records (one dict per logged step)."""
+
+    workdir: str
+    config: dict
+    records: list[dict]
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, wall times, values) of the records that carry `key`."""
+        rows = [r for r in self.records if key in r]
+        return (
+            np.array([r["step"] for r in rows], np.int64),
+            np.array([r.get("wall_time", np.nan) for r in rows], np.float64),
+            np.array([r[key] for r in rows], np.float64),
+        )
+
+
+@dataclasses.dataclass
+class Group:
+    """Runs that differ only by seed, and the label that tells this group from the others."""
+
+    label: str
+    runs: list[Run]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def load_run(workdir: str) -> Run:
+    """Reads a workdir's metrics.jsonl (required) and config.json (optional: empty config)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} has no {METRICS_FILE}: is it a training workdir?")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    config = {}
+    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        with open(os.path.join(workdir, CONFIG_FILE)) as f:
+            config = _flatten(json.load(f))
+    return Run(os.path.normpath(workdir), config, records)
+
+
+def _short_names(fields: list[str]) -> dict[str, str]:
+    """The last dotted part of each field, or more of it where that is ambiguous."""
+    names = {}
+    for f in fields:
+        parts = f.split(".")
+        for n in range(1, len(parts) + 1):
+            short = ".".join(parts[-n:])
+            if sum(g.split(".")[-n:] == parts[-n:] for g in fields) == 1:
+                break
+        names[f] = short
+    return names
+
+
+def _fmt(value) -> str:
+    return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Groups runs whose configs are equal but for the seed; labels name the differing fields.
+
+    With a single group the label is the common parent directory of its workdirs.
+    """
+    # Only fields every run has: one that some configs lack was added to the code in between
+    # (with a default that keeps old behaviour) and must not split otherwise equal runs.
+    keys = sorted(set.intersection(*(set(r.config) for r in runs)) - {SEED_FIELD}) if runs else []
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        key = tuple((k, repr(run.config[k])) for k in keys)
+        groups.setdefault(key, []).append(run)
+    runs_by_group = list(groups.values())
+    differing = [k for k in keys if len({repr(g[0].config.get(k)) for g in runs_by_group}) > 1]
+    names = _short_names(differing)
+    result = []
+    for group in runs_by_group:
+        if differing:
+            label = ", ".join(f"{names[k]}={_fmt(group[0].config.get(k))}" for k in differing)
+        else:
+            label = os.path.commonpath([r.workdir for r in group]) or group[0].workdir
+        result.append(Group(label, group))
+    return result
+
+
+def aggregate(group: Group, key: str):
+    """(steps, mean wall time, mean, min, max) of `key` over the group's runs.
+
+    Only steps that every run of the group logged are kept (an unfinished run shortens the
+    curve rather than making the mean jump where it stops).
+    """
+    series = [run.series(key) for run in group.runs]
+    series = [s for s in series if len(s[0])]
+    if not series:
+        return None
+    steps = series[0][0]
+    for s in series[1:]:
+        steps = np.intersect1d(steps, s[0])
+    if not len(steps):
+        return None
+    times, values = [], []
+    for s_steps, s_times, s_values in series:
+        idx = np.searchsorted(s_steps, steps)
+        times.append(s_times[idx])
+        values.append(s_values[idx])
+    times, values = np.stack(times), np.stack(values)
+    return steps, times.mean(0), values.mean(0), values.min(0), values.max(0)
+
+
+def plot(groups: list[Group], log_loss: bool = False, title: str | None = None):
+    """A 2x2 matplotlib figure: train loss / eval accuracy against step / wall time."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels = (("train_loss", "train loss"), ("eval_accuracy", "eval accuracy"))
+    for row, (key, name) in enumerate(panels):
+        for col, xname in enumerate(("step", "wall time (s)")):
+            ax = axes[row][col]
+            for i, group in enumerate(groups):
+                agg = aggregate(group, key)
+                if agg is None:
+                    continue
+                steps, times, mean, lo, hi = agg
+                x = steps if col == 0 else times
+                n = len(group.runs)
+                label = f"{group.label} ({n} seeds)" if n > 1 else group.label
+                color = colors[i % len(colors)]
+                marker = "o" if len(x) < 12 else None
+                ax.plot(x, mean, color=color, label=label, lw=1.6, marker=marker, ms=3)
+                if n > 1:
+                    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+            ax.set_xlabel(xname)
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            if key == "train_loss" and log_loss:
+                ax.set_yscale("log")
+    axes[0][0].legend(loc="best", fontsize=9)
+    band = " (line: mean over seeds; band: min-max)" if any(len(g.runs) > 1 for g in groups) else ""
+    fig.suptitle((title or "Training curves") + band, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _final_and_best(run: Run):
+    steps, _, acc = run.series("eval_accuracy")
+    if not len(acc):
+        return None
+    best = int(np.argmax(acc))  # The first step that reached the best accuracy.
+    return {
+        "steps": int(run.records[-1]["step"]),
+        "final": float(acc[-1]),
+        "final_step": int(steps[-1]),
+        "best": float(acc[best]),
+        "best_step": int(steps[best]),
+    }
+
+
+def table(groups: list[Group], digits: int = 4) -> str:
+    """Markdown: final and best eval accuracy of every run (values from metrics.jsonl).
+
+    Followed by one line per group with the mean final accuracy over its seeds.
+    """
+    f = lambda x: f"{x:.{digits}f}"
+    lines = [
+        "| run | seed | workdir | final eval acc (step) | best eval acc (step) |",
+        "|---|---|---|---|---|",
+    ]
+    summary = [
+        "",
+        "| run | seeds | mean final eval acc | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    for group in groups:
+        finals = []
+        for run in sorted(group.runs, key=lambda r: str(r.config.get(SEED_FIELD, ""))):
+            r = _final_and_best(run)
+            seed = run.config.get(SEED_FIELD, "")
+            if r is None:
+                lines.append(f"| {group.label} | {seed} | {run.workdir} | - | - |")
+                continue
+            finals.append(r["final"])
+            lines.append(
+                f"| {group.label} | {seed} | {run.workdir} | {f(r['final'])} ({r['final_step']}) "
+                f"| {f(r['best'])} ({r['best_step']}) |"
+            )
+        if finals:
+            summary.append(
+                f"| {group.label} | {len(finals)} | {f(float(np.mean(finals)))} "
+                f"| {f(min(finals))} | {f(max(finals))} |"
+            )
+    return "\n".join(lines + summary) + "\n"
+
+
+def save(fig, out: str) -> list[str]:
+    """Writes `out` (PNG) and the same name with .svg; returns the paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    base, _ = os.path.splitext(out)
+    paths = [out, base + ".svg"]
+    fig.savefig(paths[0], dpi=90)
+    fig.savefig(paths[1])
+    return paths
+
+
+def main(argv=None) -> None:
+    """Command line: see the module docstring."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdirs", nargs="+", help="Training workdirs (with metrics.jsonl).")
+    parser.add_argument("--out", required=True, help="PNG to write (an .svg is written too).")
+    parser.add_argument("--log_loss", action="store_true", help="Log-scale train loss axes.")
+    parser.add_argument("--table", help="Also write the markdown table to this file.")
+    parser.add_argument("--title", help="Figure title.")
+    args = parser.parse_args(argv)
+    groups = group_runs([load_run(w) for w in args.workdirs])
+    fig = plot(groups, log_loss=args.log_loss, title=args.title)
+    paths = save(fig, args.out)
+    md = table(groups)
+    print(md)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(md)
+        paths.append(args.table)
+    print("Wrote " + ", ".join(paths), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Classify image files with a trained workdir or a Keras Xception weight file.
+
+    python -m xception_jax.predict --workdir runs/default img1.png img2.jpg [--top_k 5]
+    python -m xception_jax.predict --keras_weights xception_weights_tf_dim_ordering_tf_kernels.h5 \
+        cat.jpg
+
+Images of any size and format that TensorFlow decodes (JPEG, PNG, BMP, GIF) go through the
+evaluation preprocessing of the input pipeline (`input_pipeline.preprocess_eval`: central crop
+of 87.5% of each side, bilinear resize), so a prediction sees what the evaluation saw. Labels
+are the dataset's class names for a workdir; for a 1000-class Keras file, the ImageNet names
+(in the order of `keras.applications`' and TFDS imagenet2012's labels).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xception_jax import models
+
+KERAS_IMAGE_SIZE = 299
+
+
+@functools.cache
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1000 ImageNet class names in label order, as 'tench (n01440764)'.
+
+    Both come with tensorflow_datasets, so nothing is downloaded: the synsets are TFDS's
+    imagenet2012 ClassLabel file (labels.txt, the label order of TFDS and Keras), the words the
+    list TFDS's SI-Score dataset keeps in the same order (parsed, not imported).
+    """
+    import tensorflow_datasets as tfds
+
+    synsets = tfds.core.tfds_path("datasets/imagenet2012/labels.txt").read_text().split()
+    words = None
+    labels_py = tfds.core.tfds_path("datasets/siscore/labels.py")
+    if labels_py.exists():
+        for node in ast.parse(labels_py.read_text()).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == (
+                "IMAGENET_LABELS_LIST"
+            ):
+                words = [w.split(",")[0].strip() for w in ast.literal_eval(node.value)]
+    if words is None or len(words) != len(synsets):
+        return tuple(synsets)
+    return tuple(f"{w} ({s})" for w, s in zip(words, synsets, strict=True))
+
+
+def _encoded(item) -> bytes:
+    """Encoded image bytes of a path, bytes, or a uint8 array [H, W, 3] (encoded as PNG)."""
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        with open(item, "rb") as f:
+            return f.read()
+    import tensorflow as tf
+
+    array = np.asarray(item)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise ValueError(
+            f"An image array must be uint8 [height, width, channels]; got {array.dtype} "
+            f"{array.shape}."
+        )
+    return tf.io.encode_png(array).numpy()  # Lossless: the pipeline's decoder reads it back.
+
+
+def load_images(images_or_paths: Sequence, image_size: int) -> np.ndarray:
+    """uint8 [N, image_size, image_size, 3]: each input through `preprocess_eval`.
+
+    Inputs: file paths, encoded bytes, or uint8 arrays; any size, grey or RGB(A).
+    """
+    import tensorflow as tf
+
+    from xception_jax import input_pipeline
+
+    out = []
+    for item in images_or_paths:
+        try:
+            image = input_pipeline.preprocess_eval(
+                tf.constant(_encoded(item)), image_size=image_size
+            )
+        except tf.errors.InvalidArgumentError as e:
+            name = item if isinstance(item, (str, os.PathLike)) else "an image"
+            raise ValueError(
+                f"Cannot decode {name}: {e.message.splitlines()[0]} (JPEG, PNG, BMP or GIF)."
+            ) from e
+        out.append(image.numpy())
+    return np.stack(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probabilities(model, variables, images):
+    logits = model.apply(variables, models.preprocess(images, model.dtype), train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def predict(
+    images_or_paths: Sequence,
+    model,
+    variables,
+    class_names: Sequence[str] | None,
+    image_size: int,
+    top_k: int = 5,
+) -> list[list[tuple[str, float]]]:
+    """Top-k (label, probability) per image, most probable first.
+
+    Args:
+      images_or_paths: image file paths, encoded image bytes, or uint8 arrays [H, W, 3].
+      model, variables: e.g. from `checkpoints.load(workdir)` or `keras_weights.load_model`.
+      class_names: a name per class (None: the class index as text).
+      image_size: the input size the model was trained at (config.image_size; 299 for Keras).
+      top_k: how many labels per image (at most the number of classes).
+    """
+    images = load_images(images_or_paths, image_size)
+    probs = np.asarray(_probabilities(model, variables, jnp.asarray(images)))
+    k = min(top_k, probs.shape[-1])
+    if class_names is not None and len(class_names) != probs.shape[-1]:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {probs.shape[-1]} classes."
+        )
+    results = []
+    for p in probs:
+        top = np.argsort(-p, kind="stable")[:k]
+        results.append(
+            [(class_names[i] if class_names is not None else str(i), float(p[i])) for i in top]
+        )
+    return results
+
+
+def eval_examples(config, num: int) -> tuple[list[bytes], list[int]]:
+    """The first `num` (encoded image, label) pairs of the config's eval split, as stored."""
+    from xception_jax import input_pipeline
+
+    split = config.get("eval_split") or "test"
+    if config.dataset == input_pipeline.IMAGE_FOLDER:
+        root = os.path.join(config.image_folder, split)
+        names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        names = list(config.get("class_names") or names)
+        pairs = sorted(
+            (os.path.join(root, c, f), names.index(c))
+            for c in os.listdir(root)
+            if os.path.isdir(os.path.join(root, c))
+            for f in os.listdir(os.path.join(root, c))
+            if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS)
+        )[:num]
+        return [_encoded(p) for p, _ in pairs], [label for _, label in pairs]
+    import tensorflow_datasets as tfds
+
+    builder = input_pipeline.prepare_dataset(
+        config.dataset, config.get("data_dir"), config.get("manual_dir")
+    )
+    keys = builder.info.supervised_keys
+    image_key, label_key = keys if isinstance(keys, tuple) else ("image", "label")
+    ds = builder.as_dataset(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    examples = list(ds.take(num).as_numpy_iterator())
+    return [ex[image_key] for ex in examples], [int(ex[label_key]) for ex in examples]
+
+
+def load_for_prediction(workdir=None, keras_weights=None, step=None, ema=False):
+    """(model, variables, class_names, image_size) from a workdir or a Keras weight file."""
+    if bool(workdir) == bool(keras_weights):
+        raise ValueError("Give exactly one of --workdir and --keras_weights.")
+    if workdir:
+        from xception_jax import checkpoints
+
+        model, variables, config = checkpoints.load(workdir, step=step, ema=ema)
+        return model, variables, config.class_names, int(config.image_size)
+    from xception_jax import keras_weights as kw
+
+    model, variables = kw.load_model(keras_weights)
+    if not model.include_top:
+        raise ValueError(
+            f"{keras_weights} has no classifier (a _notop file): it cannot classify; use the "
+            "file with top, or fine-tune it (configs/finetune.py)."
+        )
+    names = imagenet_class_names() if model.num_classes == 1000 else None
+    return model, variables, names, KERAS_IMAGE_SIZE
+
+
+def main(argv=None) -> None:
+    """Command line: see the module docstring."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, BMP, GIF).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="A training workdir (its newest checkpoint).")
+    source.add_argument("--keras_weights", help="A Keras Xception .h5 weight file.")
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
+    parser.add_argument("--ema", action="store_true", help="Use the Polyak-averaged weights.")
+    parser.add_argument("--image_size", type=int, help="Override the model's input size.")
+    args = parser.parse_args(argv)
+    model, variables, names, image_size = load_for_prediction(
+        args.workdir, args.keras_weights, args.step, args.ema
+    )
+    results = predict(
+        args.images, model, variables, names, args.image_size or image_size, args.top_k
+    )
+    for path, top in zip(args.images, results, strict=True):
+        print(path)
+        for label, p in top:
+            print(f"  {p:7.4f}  {label}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Start a training run from pretrained weights (fine-tuning).
+
+Sources (config fields, see configs/common.py and configs/finetune.py):
+- `config.init_from_keras`: a Keras Xception weight file (the ImageNet
+  `xception_weights_tf_dim_ordering_tf_kernels[_notop].h5`, or any file `keras_weights` reads);
+  the model must be the full `xception` (same widths and middle-flow depth as the file);
+- `config.init_from_workdir`: the newest checkpoint of another run (any model; it must match).
+
+Every variable of the model except the classifier (`optim.HEAD_MODULES`, i.e. 'predictions')
+is taken from the source: parameters and BatchNorm statistics. The classifier keeps its fresh
+initialisation, sized for the dataset's number of classes. The optimizer state starts fresh.
+This only happens when a run starts: a workdir with a checkpoint resumes from it instead.
+
+Freezing (`config.freeze_backbone_steps` = N > 0): for the first N steps only the classifier
+trains; the backbone's parameters get exactly zero updates (`optim.freeze_for_steps`) and the
+model runs in inference mode, so BatchNorm normalises with the loaded statistics and leaves
+them as they are (what Keras does for a frozen layer, `trainable=False`): the backbone is then
+bitwise the pretrained one and the first phase is a linear classifier on the pretrained
+features. Head dropout is off during that phase too (inference mode). From step N on,
+everything trains as usual, BatchNorm in training mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from xception_jax import optim
+
+
+def requested(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config asks to start from pretrained weights."""
+    return bool(config.get("init_from_keras")) or bool(config.get("init_from_workdir"))
+
+
+def source_of(config: ml_collections.ConfigDict) -> str:
+    """A description of the pretrained source, checked to exist."""
+    keras_file, workdir = config.get("init_from_keras"), config.get("init_from_workdir")
+    if keras_file and workdir:
+        raise ValueError(
+            "Set only one of config.init_from_keras and config.init_from_workdir (both are set: "
+            f"{keras_file!r}, {workdir!r})."
+        )
+    path = keras_file or workdir
+    if not os.path.exists(path):
+        field = "init_from_keras" if keras_file else "init_from_workdir"
+        raise FileNotFoundError(f"config.{field}={path!r} does not exist.")
+    return f"Keras file {keras_file}" if keras_file else f"workdir {workdir}"
+
+
+def load_backbone(config: ml_collections.ConfigDict) -> dict:
+    """{'params', 'batch_stats'} of the pretrained source, without the classifier."""
+    if config.get("init_from_keras"):
+        from xception_jax import keras_weights
+
+        variables = keras_weights.load(config.init_from_keras, include_top=False)
+    else:
+        from xception_jax import checkpoints
+
+        _, variables, _ = checkpoints.load(config.init_from_workdir)
+    return {
+        col: {k: v for k, v in variables[col].items() if k not in optim.HEAD_MODULES}
+        for col in ("params", "batch_stats")
+    }
+
+
+def merge(fresh: dict, pretrained: dict, source: str = "the pretrained weights") -> dict:
+    """`fresh` variables with every non-classifier entry replaced by `pretrained`'s.
+
+    Raises ValueError listing the variables that are missing, extra or of another shape (the
+    model in config.model does not match the source).
+    """
+    merged, problems = {}, []
+    for col in ("params", "batch_stats"):
+        have = traverse_util.flatten_dict(pretrained.get(col, {}))
+        want = traverse_util.flatten_dict(fresh[col])
+        out = {}
+        for path, value in want.items():
+            name = "/".join((col, *path))
+            if path[0] in optim.HEAD_MODULES:
+                out[path] = value
+            elif path not in have:
+                problems.append(f"{name} {tuple(value.shape)} is not in {source}")
+            elif tuple(have[path].shape) != tuple(value.shape):
+                problems.append(
+                    f"{name}: model {tuple(value.shape)}, {source} {tuple(have[path].shape)}"
+                )
+            else:
+                out[path] = np.asarray(have[path]).astype(value.dtype)
+        for path in sorted(set(have) - set(want)):
+            problems.append(f"{'/'.join((col, *path))} of {source} has no place in the model")
+        merged[col] = traverse_util.unflatten_dict(out)
+    if problems:
+        raise ValueError(
+            f"config.model does not fit {source} ({len(problems)} problems; e.g. "
+            + "; ".join(problems[:5])
+            + "). For a Keras file use config.model.name='xception' with the default widths "
+            "and residual=True; for a workdir the same model fields as that run."
+        )
+    return merged
+
+
+def init_state(state, config: ml_collections.ConfigDict, tx, sharding):
+    """A fresh TrainState `state` with the pretrained backbone loaded (see the module doc).
+
+    `sharding`: where the state's arrays live (the trainer's replicated sharding).
+    """
+    source = source_of(config)
+    backbone = load_backbone(config)
+    fresh = {"params": state.params, "batch_stats": state.batch_stats}
+    merged = jax.device_put(merge(jax.device_get(fresh), backbone, source), sharding)
+    params = merged["params"]
+    opt_state = jax.jit(tx.init, out_shardings=sharding)(params)
+    count = sum(np.size(x) for x in jax.tree.leaves(backbone))
+    logging.info(
+        "Initialised from %s: %s pretrained values; classifier %s fresh; backbone frozen for "
+        "%d steps.",
+        source,
+        f"{count:,}",
+        optim.HEAD_MODULES,
+        config.get("freeze_backbone_steps", 0),
+    )
+    return state.replace(
+        params=params,
+        batch_stats=merged["batch_stats"],
+        opt_state=opt_state,
+        ema_params=params if state.ema_params is not None else None,
+    )

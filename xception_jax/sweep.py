@@ -1,0 +1,235 @@
+"""Ablation sweeps: run named sets of config variants, one workdir per variant and seed.
+
+    python -m xception_jax.sweep --config configs/default.py --sweep residual \
+        --sweep_dir runs/sweep_residual --seeds 3 [--dry_run] [--config.x=y ...]
+
+Each run is `<sweep_dir>/<variant>/seed<k>` and is trained by its own `python train.py ...`
+subprocess (a crash or a memory leak in one run cannot take the others down; each gets a fresh
+process). The exact commands are printed first, so that they can be launched in parallel on a
+cluster instead (`--dry_run` prints them and stops). Runs whose final checkpoint exists are
+skipped; an interrupted run resumes from its newest checkpoint when the sweep is run again.
+Every `--config.x=y` given to the sweep is passed on to each run. Seed k of a sweep trains with
+`config.seed + k`. Plot the result with `python -m xception_jax.curves <sweep_dir>/*/seed*`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# name -> list of (variant name, {dotted config field: value}).
+SWEEPS: dict[str, list[tuple[str, dict]]] = {
+    # The paper's Figure 9: with and without residual connections.
+    "residual": [
+        ("residual", {"model.residual": True}),
+        ("no_residual", {"model.residual": False}),
+    ],
+    # The paper's Figure 10: the activation between the depthwise and the pointwise conv.
+    "activation": [
+        (f"act_{a}", {"model.intermediate_activation": a}) for a in ("none", "elu", "relu")
+    ],
+}
+SWEEPS["all"] = [
+    (f"{rn}-{an}", {**rv, **av})
+    for (rn, rv), (an, av) in itertools.product(SWEEPS["residual"], SWEEPS["activation"])
+]
+
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/default.py", "Base experiment config file.")
+flags.DEFINE_string("sweep", "residual", f"Named set of variants: one of {sorted(SWEEPS)}.")
+flags.DEFINE_string("sweep_dir", None, "Directory that receives one workdir per run.")
+flags.DEFINE_integer("seeds", 1, "Runs per variant, with config.seed + 0, 1, ...")
+flags.DEFINE_bool("dry_run", False, "Print the commands and stop.")
+
+
+def _format_value(value) -> str:
+    """A config value as ml_collections' command-line override syntax expects it."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value) if not isinstance(value, bool) else str(value)
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+    """The `--config.x=y` arguments of a command line, in order (`--config.x y` joined)."""
+    overrides = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config."):
+            if "=" not in arg and i + 1 < len(argv):
+                arg = f"{arg}={argv[i + 1]}"
+            overrides.append(arg)
+    return overrides
+
+
+def plan(sweep: str, sweep_dir: str, seeds: int, base_seed: int) -> list[dict]:
+    """The runs of a sweep: [{'name', 'workdir', 'fields' (dotted -> value incl. seed)}]."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"Unknown sweep {sweep!r}; named sweeps: {sorted(SWEEPS)}.")
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds} must be >= 1.")
+    runs = []
+    for name, fields in SWEEPS[sweep]:
+        for k in range(seeds):
+            runs.append(
+                {
+                    "name": f"{name}/seed{k}",
+                    "workdir": os.path.join(sweep_dir, name, f"seed{k}"),
+                    "fields": {**fields, "seed": base_seed + k},
+                }
+            )
+    return runs
+
+
+def command(config_file: str, workdir: str, fields: dict, overrides: list[str]) -> list[str]:
+    """The `python train.py ...` argv that trains one run (the sweep's overrides go first)."""
+    script = TRAIN_SCRIPT
+    if os.path.dirname(script) == os.getcwd():
+        script = "train.py"
+    argv = ["python", script, f"--config={config_file}", f"--workdir={workdir}", *overrides]
+    argv += [f"--config.{k}={_format_value(v)}" for k, v in fields.items()]
+    return argv
+
+
+def resolved_config(config, fields: dict):
+    """A copy of `config` with the dotted `fields` set (what train.py will resolve)."""
+    config = config.copy_and_resolve_references()
+    for dotted, value in fields.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"The config has no field {dotted!r} to sweep over.")
+        node[leaf] = value
+    return config
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def status(config, workdir: str) -> str:
+    """'new', 'partial' or 'done' for a run's workdir; raises if it holds another config."""
+    config_file = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_file):
+        return "new"
+    with open(config_file) as f:
+        have = _flatten(json.load(f))
+    want = _flatten(json.loads(config.to_json_best_effort()))
+    # Fields only one side has come from another code version (a field added since): ignored.
+    differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+    if differ:
+        raise ValueError(
+            f"{workdir} holds a run of another config (fields {differ} differ: "
+            f"{[(k, have.get(k), want.get(k)) for k in differ[:4]]}); use another --sweep_dir "
+            "or delete that workdir."
+        )
+    num_steps = config.num_train_steps
+    if num_steps <= 0:  # Derived from num_epochs: ask the dataset (imports TensorFlow).
+        from xception_jax import input_pipeline, optim
+
+        info = input_pipeline.get_dataset_info(config)
+        num_steps = optim.total_steps(config, info.num_train_examples)
+    done = os.path.isdir(os.path.join(workdir, "checkpoints", str(num_steps)))
+    return "done" if done else "partial"
+
+
+def run_one(argv: list[str], workdir: str) -> int:
+    """Runs one training command, echoing its output and keeping it in `workdir/train.log`."""
+    os.makedirs(workdir, exist_ok=True)
+    argv = [sys.executable, *argv[1:]]  # The printed 'python' is this interpreter.
+    with open(os.path.join(workdir, "train.log"), "a") as log:
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        return proc.wait()
+
+
+def run_sweep(
+    config, config_file: str, sweep: str, sweep_dir: str, seeds: int, overrides, dry_run=False
+) -> dict[str, str]:
+    """Prints every run's command, then trains the runs that are not done, one after another.
+
+    Returns {run name: 'done' | 'skipped' | 'failed (exit N)' | 'planned'}.
+    """
+    runs = plan(sweep, sweep_dir, seeds, int(config.seed))
+    commands = {}
+    print(f"# Sweep {sweep!r}: {len(runs)} runs under {sweep_dir}. Commands (one per run):")
+    for run in runs:
+        resolved_config(config, run["fields"])  # Fails now on a field the config lacks.
+        commands[run["name"]] = command(config_file, run["workdir"], run["fields"], overrides)
+        print(shlex.join(commands[run["name"]]))
+    sys.stdout.flush()
+    if dry_run:
+        return {run["name"]: "planned" for run in runs}
+    results = {}
+    for i, run in enumerate(runs, start=1):
+        state = status(resolved_config(config, run["fields"]), run["workdir"])
+        if state == "done":
+            print(f"# [{i}/{len(runs)}] {run['name']}: finished already, skipped.")
+            results[run["name"]] = "skipped"
+            continue
+        verb = "resuming" if state == "partial" else "starting"
+        print(f"# [{i}/{len(runs)}] {run['name']}: {verb} in {run['workdir']}")
+        sys.stdout.flush()
+        start = time.time()
+        rc = run_one(commands[run["name"]], run["workdir"])
+        if rc == 0:
+            results[run["name"]] = "done"
+        elif status(resolved_config(config, run["fields"]), run["workdir"]) == "done":
+            # The final checkpoint is complete: a crash on the way out loses nothing.
+            results[run["name"]] = f"done (but the process exited with {rc} after it)"
+        else:
+            results[run["name"]] = f"failed (exit {rc})"
+        print(
+            f"# [{i}/{len(runs)}] {run['name']}: {results[run['name']]} in "
+            f"{time.time() - start:.0f} s"
+        )
+    print("# Summary: " + ", ".join(f"{k}: {v}" for k, v in results.items()))
+    print(
+        f"# Curves: python -m xception_jax.curves {sweep_dir}/*/seed* --out {sweep_dir}/curves.png"
+    )
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.sweep_dir:
+        raise app.UsageError("--sweep_dir is required (e.g. --sweep_dir runs/sweep_residual).")
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    results = run_sweep(
+        FLAGS.config,
+        config_file,
+        FLAGS.sweep,
+        FLAGS.sweep_dir,
+        FLAGS.seeds,
+        config_overrides(sys.argv[1:]),
+        dry_run=FLAGS.dry_run,
+    )
+    failed = [k for k, v in results.items() if v.startswith("failed")]
+    if failed:
+        print(f"# {len(failed)} run(s) failed: {failed}; see their train.log.", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
