@@ -1,8 +1,8 @@
-"""Micro-benchmark of the depthwise-conv implementations ('taps' vs 'lax') of xception_jax.ops.
+"""Micro-benchmark of the depthwise-conv implementations of xception_jax.ops.
 
-Times the jitted forward and forward+backward (gradients w.r.t. input and kernel) on
-Xception-like shapes, prints milliseconds (median of ``--iters`` runs after a warm-up) and the
-lax/taps ratio; optionally times a whole model train step (SGD on cross-entropy) with each impl.
+Times the jitted forward and forward+backward (gradients w.r.t. input and kernel) of 'taps',
+'taps_vjp' and 'lax' on Xception-like shapes, prints milliseconds (median of ``--iters`` runs
+after a warm-up); optionally times a whole model train step (SGD on cross-entropy) per impl.
 
   python benchmarks/depthwise.py                      # the layer shapes
   python benchmarks/depthwise.py --model xception_tiny --batch 32 --size 64
@@ -12,13 +12,16 @@ lax/taps ratio; optionally times a whole model train step (SGD on cross-entropy)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from xception_jax import ops
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xception_jax import ops  # noqa: E402
 
 # (batch, height, width, channels, stride): entry, middle and exit-flow shapes of Xception at
 # 299 (37x37x256, 19x19x728), a larger batch, and one strided (aligned Xception) case.
@@ -90,30 +93,29 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument(
+        "--impls", nargs="+", default=list(ops.DEPTHWISE_IMPLS), choices=ops.DEPTHWISE_IMPLS
+    )
     args = p.parse_args()
     print(f"backend={jax.default_backend()} devices={jax.devices()}")
     print(f"default impl: {ops.default_depthwise_impl()}")
     if not args.skip_layers:
+        impls = args.impls
+        print("ms, median; f = forward, f+b = forward + gradients w.r.t. input and kernel")
         print(
-            f"{'shape (B,H,W,C,stride)':<26}{'taps fwd':>10}{'lax fwd':>10}{'ratio':>7}"
-            f"{'taps f+b':>10}{'lax f+b':>10}{'ratio':>7}"
+            f"{'shape (B,H,W,C,stride)':<26}"
+            + "".join(f"{i + ' f':>12}{i + ' f+b':>14}" for i in impls)
         )
         for shape in DEFAULT_SHAPES:
-            tf, tb = bench_layer(shape, "taps", args.iters)
-            lf, lb = bench_layer(shape, "lax", args.iters)
-            print(
-                f"{str(shape):<26}{tf:>10.2f}{lf:>10.2f}{lf / tf:>7.2f}"
-                f"{tb:>10.2f}{lb:>10.2f}{lb / tb:>7.2f}"
-            )
+            row = f"{str(shape):<26}"
+            for impl in impls:
+                f, b = bench_layer(shape, impl, args.iters)
+                row += f"{f:>12.2f}{b:>14.2f}"
+            print(row, flush=True)
     if args.model:
-        t = {
-            i: bench_model(args.model, i, args.batch, args.size, args.iters)
-            for i in ops.DEPTHWISE_IMPLS
-        }
-        print(
-            f"train step {args.model} batch={args.batch} size={args.size}: "
-            f"taps {t['taps']:.1f} ms, lax {t['lax']:.1f} ms, lax/taps {t['lax'] / t['taps']:.2f}"
-        )
+        for impl in args.impls:
+            t = bench_model(args.model, impl, args.batch, args.size, args.iters)
+            print(f"train step {args.model} batch={args.batch} size={args.size} {impl}: {t:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_depthwise_errors_name_the_problem():
     with pytest.raises(ValueError, match="does not fit input channels"):
         ops.depthwise_conv(x, kernel[..., :3], impl="taps")
     assert ops.resolve_depthwise_impl("auto") == ops.default_depthwise_impl()
-    assert ops.default_depthwise_impl("cpu") == "taps"
+    assert ops.default_depthwise_impl("cpu") == "taps_vjp"
     assert ops.default_depthwise_impl("tpu") == "lax"
 
 

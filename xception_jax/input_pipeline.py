@@ -648,6 +648,9 @@ def prefetch_to_device(iterator, size, sharding):
             put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
             put(_Failure(exc))
+        finally:
+            if hasattr(iterator, "close"):  # Release tf.data's threads in this thread.
+                iterator.close()
 
     thread = threading.Thread(target=produce, name="prefetch_to_device", daemon=True)
     thread.start()
@@ -663,5 +666,8 @@ def prefetch_to_device(iterator, size, sharding):
                 yield item
         finally:
             stop.set()
+            # Wait for the producer to leave tf.data: a daemon thread still inside TF's C++ code
+            # at interpreter exit aborts the process ("FATAL: exception not rethrown").
+            thread.join()
 
     return consume()

@@ -63,6 +63,9 @@ class _XceptionBase(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     min_input_size: int = 71
+    # Recompute each separable conv's inner (depthwise) activation in the backward pass instead
+    # of storing it: less peak memory for some extra compute. Same values and gradients.
+    remat: bool = False
 
     def _check(self, x: jax.Array) -> None:
         get_activation(self.intermediate_activation)  # fails early on a bad name
@@ -107,7 +110,9 @@ class _XceptionBase(nn.Module):
 
     def _sep(self, features: int, name: str, **kw) -> SeparableConv:
         kw.setdefault("intermediate_activation", self.intermediate_activation)
-        return SeparableConv(
+        # static_argnums counts self: (self, x, train) -> `train` is static.
+        cls = nn.remat(SeparableConv, static_argnums=(2,)) if self.remat else SeparableConv
+        return cls(
             self._ch(features),
             depthwise_impl=self.depthwise_impl,
             bn_momentum=self.bn_momentum,
@@ -163,9 +168,10 @@ class Xception(_XceptionBase):
       include_top: add the dense classifier.
       pooling: 'avg', 'max', or None (only without top: returns the 4-D exit features).
       dtype / param_dtype: compute / parameter dtypes (bf16 compute with f32 params works).
-      depthwise_impl: 'auto', 'taps' or 'lax' (``xception_jax.ops``).
+      depthwise_impl: 'auto', 'taps', 'taps_vjp' or 'lax' (``xception_jax.ops``).
       bn_momentum, bn_epsilon: BatchNorm (Keras: 0.99, 1e-3).
       min_input_size: smallest accepted height/width (Keras: 71).
+      remat: recompute separable convs' inner activations in the backward pass (less memory).
     """
 
     @nn.compact
@@ -201,7 +207,7 @@ class Xception(_XceptionBase):
         for block in range(5, 5 + self.middle_blocks):
             y = x
             for j in range(1, 4):
-                y = self._sep(728, f"block{block}_sepconv{j}")(relu(y))
+                y = self._sep(728, f"block{block}_sepconv{j}")(relu(y), train)
                 y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
             x = x + y if self.residual else y
         feats["middle"] = x
@@ -210,7 +216,7 @@ class Xception(_XceptionBase):
         exit1 = 5 + self.middle_blocks
         x = self._downsample_block(x, exit1, (728, 1024), pre_relu=True, train=train)
         for j, ch in ((1, 1536), (2, 2048)):
-            x = self._sep(ch, f"block{exit1 + 1}_sepconv{j}")(x)
+            x = self._sep(ch, f"block{exit1 + 1}_sepconv{j}")(x, train)
             x = relu(self._bn(f"block{exit1 + 1}_sepconv{j}_bn", train)(x))
 
         out = self._head(x, train, feats)
@@ -223,7 +229,7 @@ class Xception(_XceptionBase):
         for j, ch in enumerate(chs, start=1):
             if j > 1:
                 y = nn.relu(y)
-            y = self._sep(ch, f"block{block}_sepconv{j}")(y)
+            y = self._sep(ch, f"block{block}_sepconv{j}")(y, train)
             y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
         y = nn.max_pool(y, (3, 3), strides=(2, 2), padding="SAME")
         if not self.residual:

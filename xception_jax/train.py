@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import time
@@ -20,10 +21,12 @@ from clu import metric_writers
 from xception_jax import (
     checkpoints,
     config_validation,
+    cpu_runtime,
     input_pipeline,
     models,
     optim,
     preemption,
+    pretrained,
     sharding,
 )
 
@@ -82,15 +85,30 @@ def train_step(state: TrainState, batch, *, model, tx, config) -> tuple[TrainSta
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
     def loss_fn(params):
-        logits, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": rng},
-            mutable=["batch_stats"],
-        )
+        def forward(train: bool):
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            if not train:  # Frozen backbone (pretrained.py): inference mode, statistics kept,
+                # no backward pass through it (its updates are zero anyway).
+                variables["params"] = jax.tree.map(
+                    lambda p, frozen: jax.lax.stop_gradient(p) if frozen else p,
+                    params,
+                    optim.backbone_mask(params),
+                )
+                return model.apply(variables, images, train=False), state.batch_stats
+            logits, new_vars = model.apply(
+                variables, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+            )
+            return logits, new_vars["batch_stats"]
+
+        if config.get("freeze_backbone_steps", 0) > 0:
+            frozen = state.step < config.freeze_backbone_steps
+            logits, batch_stats = jax.lax.cond(
+                frozen, lambda: forward(False), lambda: forward(True)
+            )
+        else:
+            logits, batch_stats = forward(True)
         loss = cross_entropy(logits, batch["label"], model.num_classes, config.label_smoothing)
-        return loss.mean(), (logits, new_vars["batch_stats"])
+        return loss.mean(), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -192,9 +210,47 @@ class MetricsLog:
         self.writer.close()
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a non-finite loss or gradient (and skip_nonfinite_updates is off)."""
+
+
+def _check_finite(finite_flags, step: int, manager) -> None:
+    """Raises NonFiniteLossError naming the first bad step among the last len(flags) steps.
+
+    Waits for the saves in flight first, so that the last good checkpoint is complete.
+    """
+    if all(finite_flags):
+        return
+    bad = step - len(finite_flags) + 1 + next(i for i, ok in enumerate(finite_flags) if not ok)
+    manager.wait_until_finished()
+    raise NonFiniteLossError(
+        f"Non-finite loss or gradient at step {bad}; stopping. The last good checkpoint in "
+        f"{manager.directory} is kept (step {manager.latest_step()}). Lower the learning rate "
+        "or set --config.skip_nonfinite_updates=True to skip such updates (counted in "
+        "metrics.jsonl as skipped_updates)."
+    )
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
+    """Turns on JAX's persistent compilation cache at config.compilation_cache_dir.
+
+    The environment variable JAX_COMPILATION_CACHE_DIR (which JAX reads itself) wins; an empty
+    field turns the cache off. Returns the directory in use, or None.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    path = config.get("compilation_cache_dir", "")
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
@@ -207,16 +263,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     Returns the final TrainState (replicated over the mesh).
     """
+    # Config errors first (nothing read, written or compiled yet), then the dataset.
+    config_validation.validate(config, None, workdir, num_devices=len(devices or jax.devices()))
+    enable_compilation_cache(config)
+    if config.get("cpu_malloc_tuning", False) and jax.default_backend() == "cpu":
+        cpu_runtime.tune_malloc()  # Before the model's buffers exist: see cpu_runtime.
     info = input_pipeline.get_dataset_info(config)
-    config_validation.validate(config, info, workdir, num_devices=len(devices or jax.devices()))
+    config_validation.check_num_classes(config, info)
     os.makedirs(workdir, exist_ok=True)
+    sharding.check_shared_workdir(workdir)
     mesh = sharding.create_mesh(devices)
     replicated = sharding.replicated(mesh)
 
     model = create_model_from_config(config, info.num_classes)
     tx, schedule = optim.create_optimizer(config, info.num_train_examples)
     num_steps = optim.total_steps(config, info.num_train_examples)
-    state = jax.jit(functools.partial(init_state, model, tx, config), out_shardings=replicated)()
+    init = jax.jit(functools.partial(init_state, model, tx, config), out_shardings=replicated)
+    # Restore into the abstract state: a checkpoint that does not fit (another model, a newer
+    # layout) fails before anything compiles, and a resume skips the initialisation.
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init)
+    )
+    manager = checkpoints.create_manager(workdir, config.max_checkpoints_to_keep)
+    meta = checkpoints.meta_for(config, info.num_classes, info.class_names)
+    state = checkpoints.restore_latest(manager, abstract_state)
+    if state is not None:
+        logging.info("Resumed from checkpoint %d in %s.", int(state.step), manager.directory)
+    else:
+        state = init()
+        if pretrained.requested(config):  # Fine-tuning: a new run starts from pretrained weights.
+            state = pretrained.init_state(state, config, tx, replicated)
     logging.info(
         "Model %s: %s parameters; %d steps of global batch %d on %d devices (%d processes).",
         config.model.name,
@@ -227,12 +303,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         jax.process_count(),
     )
 
-    manager = checkpoints.create_manager(workdir, config.max_checkpoints_to_keep)
-    meta = checkpoints.meta_for(config, info.num_classes, info.class_names)
-    restored = checkpoints.restore_latest(manager, state)
-    if restored is not None:
-        state = restored
-        logging.info("Resumed from checkpoint %d in %s.", int(state.step), manager.directory)
     start_step = int(jax.device_get(state.step))
     checkpoints.write_config(workdir, config)
     log = MetricsLog(workdir, start_step)
@@ -243,11 +313,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         donate_argnums=0,
     )
     p_eval_step = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
-    batches = input_pipeline.prefetch_to_device(
+    batches = batch_source = input_pipeline.prefetch_to_device(
         input_pipeline.train_iterator(config, start_step=start_step),
         config.prefetch_batches,
         mesh,
     )
+    if jax.process_count() > 1:
+        # Compile every program before the first collective, then wait for the slowest process
+        # at a coordination-service barrier: on CPU a collective whose peer arrives more than
+        # ~30 s late (still compiling: the compilation cache is per device assignment, so one
+        # process can hit it while another compiles) aborts the job (gloo's timeout).
+        first = next(batches)
+        eval_batch = input_pipeline.to_global_batch(
+            next(iter(input_pipeline.eval_iterator(config))), mesh
+        )
+        p_train_step = p_train_step.lower(state, first).compile()
+        p_eval_step = p_eval_step.lower(state.params, state.batch_stats, eval_batch).compile()
+        sharding.barrier("xception_jax_compiled")
+        batches = itertools.chain([first], batch_source)
     stop = preemption.StopSignal()
 
     pending, last_log_time, last_log_step = [], time.time(), start_step
@@ -261,14 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if step % config.log_every_steps == 0 or is_last:
             host = jax.device_get(pending)
             pending = []
-            if not all(m["finite"] for m in host) and not config.skip_nonfinite_updates:
-                bad = step - len(host) + next(i for i, m in enumerate(host) if not m["finite"])
-                manager.wait_until_finished()
-                raise FloatingPointError(
-                    f"Non-finite loss or gradient at step {bad + 1}; stopping. The last good "
-                    f"checkpoint in {manager.directory} is kept (step {manager.latest_step()}). "
-                    "Lower the learning rate or set --config.skip_nonfinite_updates=True."
-                )
+            if not config.skip_nonfinite_updates:
+                _check_finite([m["finite"] for m in host], step, manager)
             elapsed = time.time() - last_log_time
             steps_per_sec = (step - last_log_step) / max(elapsed, 1e-9)
             record.update(
@@ -306,6 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             log.write(step, record)
         preempted = stop.reached(step)
         if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+            if not config.skip_nonfinite_updates:
+                # Never checkpoint a state that a non-finite step (not yet logged) poisoned.
+                _check_finite(jax.device_get([m["finite"] for m in pending]), step, manager)
             checkpoints.save(manager, state, meta, force=True)
         if preempted:
             manager.wait_until_finished()
@@ -316,7 +396,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 step,
             )
             break
+    # Stops the prefetch thread now: a daemon thread still inside tf.data when the interpreter
+    # exits can abort the process (seen once: "terminate called ... exception not rethrown").
+    batch_source.close()
+    stop.close()  # Gives SIGTERM back to whoever handled it before (a notebook's kernel).
     manager.wait_until_finished()
     manager.close()
     log.close()
+    sharding.check_replicas_agree(state.params, f"Params at step {step}")
     return state
