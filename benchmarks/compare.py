@@ -11,8 +11,8 @@ Systems (``--systems``):
                   buffer donation) and ``eval``-mode ``model.apply``; ``flax:IMPL`` picks the
                   depthwise implementation (``taps``, ``taps_vjp``, ``lax``; default: the
                   backend's); ``flax:IMPL@DIR`` imports xception_jax from DIR instead (e.g. an
-                  older version: ``git archive REV xception_jax | tar -x -C DIR``). Like
-                  train.py, it applies ``cpu_runtime.tune_malloc`` (XJ_MALLOC_TUNING=0: off).
+                  older version: ``git archive REV xception_jax | tar -x -C DIR``);
+                  ``flax:IMPL+remat`` sets the model's ``remat`` (recompute, less memory).
   keras-tf        Keras 3 ``keras.applications.Xception`` (the reference), TensorFlow backend,
                   ``train_on_batch`` / ``predict_on_batch`` (Keras's defaults: no XLA on CPU).
   keras-jax       the same model with the JAX backend (jitted by Keras).
@@ -45,7 +45,6 @@ PEERS = ("keras-tf", "keras-jax", "timm")
 DEFAULT_SYSTEMS = ("flax", "keras-tf", "keras-jax", "timm")
 NUM_CLASSES = 1000
 RESULT_TAG = "RESULT "
-MALLOC_TUNING = os.environ.get("XJ_MALLOC_TUNING", "1") != "0"  # flax systems only
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,14 +85,6 @@ def _flax_runner(impl: str, size: int, batch: int, tree: str = ROOT, overrides=N
 
     sys.path.insert(0, tree)
     from xception_jax import models, train
-
-    if MALLOC_TUNING:
-        try:  # As train.py does by default (config.cpu_malloc_tuning); older trees lack it.
-            from xception_jax import cpu_runtime
-        except ImportError:
-            pass
-        else:
-            cpu_runtime.tune_malloc()
 
     model = models.create_model(
         "xception", num_classes=NUM_CLASSES, depthwise_impl=impl, **(overrides or {})
@@ -205,10 +196,8 @@ def run_worker(args) -> dict:
         spec, _, tree = system.partition("@")
         spec, _, options = spec.partition("+")
         impl = spec.split(":", 1)[1] if ":" in spec else "auto"
-        if options not in ("", "remat", "nomalloc"):
-            raise ValueError(f"Unknown option +{options} in {system!r}: use +remat or +nomalloc.")
-        global MALLOC_TUNING
-        MALLOC_TUNING = MALLOC_TUNING and options != "nomalloc"
+        if options not in ("", "remat"):
+            raise ValueError(f"Unknown option +{options} in {system!r}: the option is +remat.")
         overrides = {"remat": True} if options == "remat" else {}
         train_step, infer_step, flops = _flax_runner(impl, size, batch, tree or ROOT, overrides)
     elif system in ("keras-tf", "keras-jax"):

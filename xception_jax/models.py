@@ -64,7 +64,10 @@ class _XceptionBase(nn.Module):
     bn_epsilon: float = 1e-3
     min_input_size: int = 71
     # Recompute each separable conv's inner (depthwise) activation in the backward pass instead
-    # of storing it: less peak memory for some extra compute. Same values and gradients.
+    # of storing it (nn.remat; same values and gradients). Measured on CPU (benchmarks/
+    # compare.py, full model): no lower peak RSS and 20-35% slower steps, so it is off; it
+    # is here for accelerators, where activation memory rather than the step's working set
+    # limits the batch (not measured: no GPU was lent).
     remat: bool = False
 
     def _check(self, x: jax.Array) -> None:

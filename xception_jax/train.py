@@ -21,7 +21,6 @@ from clu import metric_writers
 from xception_jax import (
     checkpoints,
     config_validation,
-    cpu_runtime,
     input_pipeline,
     models,
     optim,
@@ -266,8 +265,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     # Config errors first (nothing read, written or compiled yet), then the dataset.
     config_validation.validate(config, None, workdir, num_devices=len(devices or jax.devices()))
     enable_compilation_cache(config)
-    if config.get("cpu_malloc_tuning", False) and jax.default_backend() == "cpu":
-        cpu_runtime.tune_malloc()  # Before the model's buffers exist: see cpu_runtime.
     info = input_pipeline.get_dataset_info(config)
     config_validation.check_num_classes(config, info)
     os.makedirs(workdir, exist_ok=True)
