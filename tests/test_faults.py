@@ -270,6 +270,16 @@ BAD_INPUTS = {
         config_validation.ConfigError,
         "config.schedule.base_learning_rate=0.0 must be > 0",
     ),
+    "frozen_backbone_without_pretrained_weights": (
+        {"freeze_backbone_steps": 10},
+        config_validation.ConfigError,
+        "config.freeze_backbone_steps=10 would freeze a randomly initialised backbone",
+    ),
+    "missing_pretrained_file": (
+        {"init_from_keras": "/nonexistent/xception.h5"},
+        config_validation.ConfigError,
+        "config.init_from_keras='/nonexistent/xception.h5' does not exist",
+    ),
     "workdir_is_a_file": (
         {"workdir_is_a_file": True},
         config_validation.ConfigError,

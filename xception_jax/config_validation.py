@@ -132,8 +132,27 @@ def validate(
             errors.append(f"config.{field}={config[field]} must be a positive number of steps.")
     if not 0 <= config.ema_decay < 1:
         errors.append(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 turns EMA off).")
+    errors += pretrained_errors(config)
     errors += dataset_errors(config)
     if info is not None and info.num_classes < 2:
         errors.append(f"Dataset {config.dataset!r} has {info.num_classes} classes; need >= 2.")
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """Fine-tuning fields: a source that exists, and no frozen backbone without one."""
+    keras_file, workdir = config.get("init_from_keras"), config.get("init_from_workdir")
+    errors = []
+    if keras_file and workdir:
+        errors.append("Set only one of config.init_from_keras and config.init_from_workdir.")
+    for field, path in (("init_from_keras", keras_file), ("init_from_workdir", workdir)):
+        if path and not os.path.exists(path):
+            errors.append(f"config.{field}={path!r} does not exist.")
+    if config.get("freeze_backbone_steps", 0) > 0 and not (keras_file or workdir):
+        errors.append(
+            f"config.freeze_backbone_steps={config.freeze_backbone_steps} would freeze a randomly "
+            "initialised backbone: set config.init_from_keras or config.init_from_workdir, or "
+            "freeze_backbone_steps=0 to train from scratch."
+        )
+    return errors
