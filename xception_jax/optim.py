@@ -209,8 +209,3 @@ def freeze_for_steps(
 def ema_update(ema_params, params, decay: float):
     """Polyak averaging: ema <- decay * ema + (1 - decay) * params."""
     return optax.incremental_update(params, ema_params, step_size=1.0 - decay)
-
-
-def count_params(tree) -> int:
-    """Number of scalars in a pytree of arrays."""
-    return sum(x.size for x in jax.tree.leaves(tree))

@@ -293,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     logging.info(
         "Model %s: %s parameters; %d steps of global batch %d on %d devices (%d processes).",
         config.model.name,
-        f"{optim.count_params(state.params):,}",
+        f"{models.count_params(state.params):,}",
         num_steps,
         config.batch_size,
         jax.device_count(),
