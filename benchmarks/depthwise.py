@@ -98,7 +98,7 @@ def main() -> None:
     )
     args = p.parse_args()
     print(f"backend={jax.default_backend()} devices={jax.devices()}")
-    print(f"default impl: {ops.default_depthwise_impl()}")
+    print(f"default impl: {ops.default_impl('depthwise')}")
     if not args.skip_layers:
         impls = args.impls
         print("ms, median; f = forward, f+b = forward + gradients w.r.t. input and kernel")

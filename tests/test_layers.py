@@ -72,9 +72,9 @@ def test_depthwise_errors_name_the_problem():
         ops.depthwise_conv(x, kernel, impl="fft")
     with pytest.raises(ValueError, match="does not fit input channels"):
         ops.depthwise_conv(x, kernel[..., :3], impl="taps")
-    assert ops.resolve_depthwise_impl("auto") == ops.default_depthwise_impl()
-    assert ops.default_depthwise_impl("cpu") == "taps_vjp"
-    assert ops.default_depthwise_impl("tpu") == "lax"
+    assert ops.resolve_impl("depthwise", "auto") == ops.default_impl("depthwise")
+    assert ops.default_impl("depthwise", "cpu") == "taps_vjp"
+    assert ops.default_impl("depthwise", "tpu") == "lax"
 
 
 @pytest.mark.parametrize("strides", [1, 2])

@@ -1,5 +1,7 @@
-"""Every optimised path equals its reference: depthwise 'taps_vjp' (hand-written backward) vs
-``lax.conv_general_dilated``, in values and gradients; bfloat16; remat in the model."""
+"""Every optimised path equals its reference, in values and gradients: depthwise 'taps_vjp'
+(hand-written backward) vs ``lax.conv_general_dilated``, the stem conv's 'im2col' vs the dense
+``conv_general_dilated``, the max-pool's 'taps_vjp' vs ``reduce_window`` (ties included);
+bfloat16; remat and all of them together in the model."""
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +81,120 @@ def test_taps_vjp_bfloat16_matches_float32_reference():
         np.testing.assert_allclose(lo.astype(jnp.float32), r, rtol=0.05, atol=0.02 * scale)
 
 
-def test_taps_vjp_is_a_known_impl():
-    assert "taps_vjp" in ops.DEPTHWISE_IMPLS
-    assert ops.resolve_depthwise_impl("taps_vjp") == "taps_vjp"
-    assert ops.default_depthwise_impl("cpu") in ops.DEPTHWISE_IMPLS
+def test_impl_registry_defaults_and_errors():
+    for op, impls in ops.IMPLS.items():
+        assert ops.default_impl(op, "cpu") in impls
+        assert ops.default_impl(op, "tpu") == "lax"
+        assert ops.resolve_impl(op, "lax") == "lax"
+    assert ops.default_impl("pool", "cpu") == "taps_vjp"
+    assert ops.default_impl("conv", "cpu") == "im2col"
+    with pytest.raises(ValueError, match=r"Unknown conv impl 'taps'.*'im2col'"):
+        ops.resolve_impl("conv", "taps")
+
+
+def _loss_grads(fn, x, *params, ct):
+    """Output and gradients (w.r.t. x and every param) of sum(fn(x, *params) * ct), jitted."""
+
+    def loss(*args):
+        return jnp.sum(fn(*args) * ct)
+
+    argnums = tuple(range(1 + len(params)))
+    return jax.jit(lambda *a: (fn(*a), *jax.grad(loss, argnums=argnums)(*a)))(x, *params)
+
+
+# (input shape, out channels, strides, padding): the stem's two convs (stride 2 / 1, VALID), the
+# aligned stem's explicit padding, SAME with odd sizes, stride 3, a 1-example batch.
+CONV_CASES = [
+    ((2, 15, 15, 3), 8, 2, "VALID"),
+    ((2, 7, 7, 8), 16, 1, "VALID"),
+    ((2, 9, 10, 5), 7, 1, ((1, 1), (1, 1))),
+    ((3, 9, 10, 5), 7, 2, "SAME"),
+    ((1, 11, 8, 4), 6, 3, ((2, 0), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("shape,features,strides,padding", CONV_CASES)
+def test_conv_im2col_equals_lax_values_and_gradients(shape, features, strides, padding):
+    kx, kk, kc = jax.random.split(jax.random.key(sum(shape) + strides), 3)
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], features))
+    kw = dict(strides=strides, padding=padding)
+    out_shape = jax.eval_shape(lambda: ops.conv2d(x, kernel, impl="lax", **kw)).shape
+    ct = jax.random.normal(kc, out_shape)
+    ref, fast = (
+        _loss_grads(lambda x, k, impl=impl: ops.conv2d(x, k, impl=impl, **kw), x, kernel, ct=ct)
+        for impl in ("lax", "im2col")
+    )
+    for name, r, f in zip(("output", "d/dx", "d/dkernel"), ref, fast, strict=True):
+        assert f.shape == r.shape and f.dtype == r.dtype, name
+        np.testing.assert_allclose(f, r, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+# (input shape, window, strides, padding): Xception's 3x3/2 SAME pool on even and odd sizes,
+# VALID, stride 1 (overlapping windows in both directions), a 2x2 window, explicit padding.
+POOL_CASES = [
+    ((2, 9, 9, 4), 3, 2, "SAME"),
+    ((2, 10, 7, 3), 3, 2, "SAME"),
+    ((1, 9, 8, 2), 3, 2, "VALID"),
+    ((2, 6, 7, 3), 3, 1, "SAME"),
+    ((2, 8, 8, 3), 2, 2, "VALID"),
+    ((1, 7, 7, 2), 3, 2, ((1, 0), (2, 1))),
+]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape,window,strides,padding", POOL_CASES)
+def test_max_pool_taps_vjp_equals_lax_values_and_gradients(shape, window, strides, padding, ties):
+    kx, kc = jax.random.split(jax.random.key(sum(shape) + window + strides))
+    x = jax.random.normal(kx, shape)
+    if ties:  # few distinct values: most windows hold their maximum more than once
+        x = jnp.round(x)
+    kw = dict(strides=strides, padding=padding)
+    out_shape = jax.eval_shape(lambda: ops.max_pool(x, window, impl="lax", **kw)).shape
+    ct = jax.random.normal(kc, out_shape)
+    ref, fast = (
+        _loss_grads(lambda x, impl=impl: ops.max_pool(x, window, impl=impl, **kw), x, ct=ct)
+        for impl in ("lax", "taps_vjp")
+    )
+    for name, r, f in zip(("output", "d/dx"), ref, fast, strict=True):
+        assert f.shape == r.shape and f.dtype == r.dtype, name
+        # Both route each cotangent to the same input element (a wrong tie-break would be off by
+        # a whole cotangent); only the order of summing up to 4 overlapping windows differs.
+        np.testing.assert_allclose(f, r, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_conv_and_pool_bfloat16_match_float32_reference():
+    kx, kk, kc, kp = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(kx, (2, 9, 9, 4))
+    kernel = jax.random.normal(kk, (3, 3, 4, 8))
+    conv_ct = jax.random.normal(kc, (2, 5, 5, 8))
+    pool_ct = jax.random.normal(kp, (2, 5, 5, 4))
+    bf16 = lambda *a: [v.astype(jnp.bfloat16) for v in a]  # noqa: E731
+    pairs = [
+        (
+            _loss_grads(
+                lambda x, k: ops.conv2d(x, k, strides=2, impl="lax"), x, kernel, ct=conv_ct
+            ),
+            _loss_grads(
+                lambda x, k: ops.conv2d(x, k, strides=2, impl="im2col"),
+                *bf16(x, kernel),
+                ct=conv_ct.astype(jnp.bfloat16),
+            ),
+        ),
+        (
+            _loss_grads(lambda x: ops.max_pool(x, impl="lax"), x, ct=pool_ct),
+            _loss_grads(
+                lambda x: ops.max_pool(x, impl="taps_vjp"),
+                *bf16(x),
+                ct=pool_ct.astype(jnp.bfloat16),
+            ),
+        ),
+    ]
+    for ref, low in pairs:
+        for r, lo in zip(ref, low, strict=True):
+            assert lo.dtype == jnp.bfloat16
+            scale = float(jnp.max(jnp.abs(r)))
+            np.testing.assert_allclose(lo.astype(jnp.float32), r, rtol=0.05, atol=0.03 * scale)
 
 
 def _train_grads(model, variables, x, labels):
@@ -99,19 +211,35 @@ def _train_grads(model, variables, x, labels):
     return jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
 
 
-def test_model_gradients_same_for_taps_vjp_and_remat():
-    """A whole tiny Xception: taps_vjp and remat give the reference (taps) gradients."""
-    x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
-    labels = jnp.array([1, 3])
-    small = dict(num_classes=5, middle_blocks=1, width_multiplier=0.125)
-    ref_model = models.create_model("xception_tiny", depthwise_impl="taps", **small)
-    variables = jax.jit(ref_model.init)(jax.random.key(1), x)
-    ref_grads, ref_stats = _train_grads(ref_model, variables, x, labels)
-    # Both optimisations in one model (one compile less): each is exact on its own, so any
-    # difference would show here.
-    model = models.create_model("xception_tiny", depthwise_impl="taps_vjp", remat=True, **small)
-    grads, stats = _train_grads(model, variables, x, labels)
+def test_model_gradients_same_for_fast_impls_and_remat():
+    """A whole tiny Xception: the fast ops and remat give the reference (lax) gradients.
+
+    In float64: this tiny model (batch 2, 1x1 final feature maps) is so ill-conditioned that
+    float32 roundoff of two equally valid summation orders grows to ~1e-4 relative in the
+    gradients (the 'lax' depthwise conv against 'taps' shows it too); in float64 any real
+    difference stands out by orders of magnitude.
+    """
+    with jax.enable_x64(True):
+        x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), jnp.float64, minval=-1, maxval=1)
+        labels = jnp.array([1, 3])
+        small = dict(
+            num_classes=5,
+            middle_blocks=1,
+            width_multiplier=0.125,
+            dtype=jnp.float64,
+            param_dtype=jnp.float64,
+        )
+        ref_impls = dict(depthwise_impl="taps", conv_impl="lax", pool_impl="lax")
+        ref_model = models.create_model("xception_tiny", **ref_impls, **small)
+        variables = jax.jit(ref_model.init)(jax.random.key(1), x)
+        ref_grads, ref_stats = _train_grads(ref_model, variables, x, labels)
+        # All optimisations in one model (one compile less): each is exact on its own, so any
+        # difference would show here.
+        fast = dict(depthwise_impl="taps_vjp", conv_impl="im2col", pool_impl="taps_vjp")
+        model = models.create_model("xception_tiny", remat=True, **fast, **small)
+        grads, stats = _train_grads(model, variables, x, labels)
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     leaves = jax.tree.leaves((grads, stats))
     for g, r in zip(leaves, jax.tree.leaves((ref_grads, ref_stats)), strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+        assert g.dtype == r.dtype == jnp.float64
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)

@@ -3,6 +3,7 @@
 Parameter names and layouts (what ``keras_weights`` maps onto):
 - ``DepthwiseConv``: ``kernel`` ``(kh, kw, 1, C)``.
 - ``PointwiseConv``: ``kernel`` ``(Cin, Cout)``.
+- ``Conv``: ``kernel`` ``(kh, kw, Cin, Cout)``, as ``nn.Conv``.
 - ``SeparableConv``: submodules ``depthwise`` and ``pointwise`` (and ``depthwise_bn`` when
   ``depthwise_norm`` is set, for the aligned Xceptions).
 
@@ -91,6 +92,29 @@ class PointwiseConv(nn.Module):
         return ops.pointwise_conv(x, kernel, strides=self.strides)
 
 
+class Conv(nn.Module):
+    """Dense conv, no bias (the stem's 3x3 convs); ``nn.Conv``'s parameter name and layout."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+    padding: str | tuple[tuple[int, int], tuple[int, int]] = "SAME"
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    # nn.Conv's default (LeCun normal), which the stem used before it had its own module.
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply to NHWC ``x``."""
+        k = self.kernel_size
+        shape = (k, k, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        return ops.conv2d(x, kernel, strides=self.strides, padding=self.padding, impl=self.impl)
+
+
 class SeparableConv(nn.Module):
     """Depthwise ``kernel_size`` conv then pointwise 1x1 conv, no bias, depth multiplier 1.
 
@@ -101,7 +125,7 @@ class SeparableConv(nn.Module):
       intermediate_activation: None (the paper's choice), 'relu' or 'elu' between the halves.
       depthwise_norm: insert BatchNorm after the depthwise half (aligned Xception); it comes
         before ``intermediate_activation``.
-      depthwise_impl: 'auto', 'taps' or 'lax' (see ``ops``).
+      depthwise_impl: 'auto', 'taps', 'taps_vjp' or 'lax' (see ``ops``).
       bn_momentum, bn_epsilon: of that BatchNorm (Keras convention: running = m * running + ...).
     """
 

@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xception_jax.layers import PointwiseConv, SeparableConv, get_activation
+from xception_jax import ops
+from xception_jax.layers import Conv, PointwiseConv, SeparableConv, get_activation
 
 Dtype = Any
 
@@ -59,7 +60,11 @@ class _XceptionBase(nn.Module):
     pooling: str | None = "avg"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # Implementations of the depthwise conv, the stem's dense convs and the max-pools
+    # (``xception_jax.ops``; 'auto' is the backend's fastest measured, all equal in value).
     depthwise_impl: str = "auto"
+    conv_impl: str = "auto"
+    pool_impl: str = "auto"
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     min_input_size: int = 71
@@ -106,6 +111,17 @@ class _XceptionBase(nn.Module):
             # Two-pass variance, as Keras/TF: E[x^2] - E[x]^2 cancels catastrophically when
             # |mean| >> std, and its result then depends on the reduction order (device count).
             use_fast_variance=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _conv(self, features: int, strides: int, padding, name: str) -> Conv:
+        return Conv(
+            self._ch(features),
+            strides=strides,
+            padding=padding,
+            impl=self.conv_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -172,6 +188,8 @@ class Xception(_XceptionBase):
       pooling: 'avg', 'max', or None (only without top: returns the 4-D exit features).
       dtype / param_dtype: compute / parameter dtypes (bf16 compute with f32 params works).
       depthwise_impl: 'auto', 'taps', 'taps_vjp' or 'lax' (``xception_jax.ops``).
+      conv_impl: the stem convs', 'auto', 'im2col' or 'lax'.
+      pool_impl: the max-pools', 'auto', 'taps_vjp' or 'lax'.
       bn_momentum, bn_epsilon: BatchNorm (Keras: 0.99, 1e-3).
       min_input_size: smallest accepted height/width (Keras: 71).
       remat: recompute separable convs' inner activations in the backward pass (less memory).
@@ -187,16 +205,7 @@ class Xception(_XceptionBase):
 
         # Stem (block 1): two valid-padded 3x3 convs.
         for i, (ch, s) in enumerate(((32, 2), (64, 1)), start=1):
-            x = nn.Conv(
-                self._ch(ch),
-                (3, 3),
-                strides=(s, s),
-                padding="VALID",
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"block1_conv{i}",
-            )(x)
+            x = self._conv(ch, s, "VALID", f"block1_conv{i}")(x)
             x = relu(self._bn(f"block1_conv{i}_bn", train)(x))
         feats["stem"] = x
 
@@ -234,7 +243,7 @@ class Xception(_XceptionBase):
                 y = nn.relu(y)
             y = self._sep(ch, f"block{block}_sepconv{j}")(y, train)
             y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
-        y = nn.max_pool(y, (3, 3), strides=(2, 2), padding="SAME")
+        y = ops.max_pool(y, 3, strides=2, padding="SAME", impl=self.pool_impl)
         if not self.residual:
             return y
         return y + self._shortcut(shortcut, chs[-1], 2, f"block{block}", train)
@@ -269,16 +278,7 @@ class XceptionAligned(_XceptionBase):
         x = x.astype(self.dtype)
 
         for i, (ch, s) in enumerate(((32, 2), (64, 1)), start=1):
-            x = nn.Conv(
-                self._ch(ch),
-                (3, 3),
-                strides=(s, s),
-                padding=((1, 1), (1, 1)),
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"block1_conv{i}",
-            )(x)
+            x = self._conv(ch, s, ((1, 1), (1, 1)), f"block1_conv{i}")(x)
             x = nn.relu(self._bn(f"block1_conv{i}_bn", train)(x))
         feats["stem"] = x
 

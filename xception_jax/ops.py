@@ -15,6 +15,12 @@ The depthwise convolution has three implementations with one kernel layout, ``(k
 
 The pointwise (1x1) convolution is a 2-D matmul ``[B*H*W, Cin] x [Cin, Cout]``, which measured
 about 4x faster on CPU than a 1x1 ``conv_general_dilated`` and is the same operation.
+
+The stem's dense 3x3 convolutions (``conv2d``) and the entry/exit max-pools (``max_pool``) have
+a reference form (``'lax'``: ``conv_general_dilated`` / ``reduce_window``) and a CPU form with a
+hand-written backward: ``'im2col'`` (patches times the flattened kernel, one matmul per
+direction) and ``'taps_vjp'`` (the first maximal tap of each window kept as an int8 index, its
+cotangent placed back by one fused loop). ``DEFAULT_IMPLS`` picks per backend and op.
 """
 
 from __future__ import annotations
@@ -26,40 +32,46 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-DEPTHWISE_IMPLS = ("taps", "taps_vjp", "lax")
+IMPLS = {
+    "depthwise": ("taps", "taps_vjp", "lax"),
+    "conv": ("im2col", "lax"),
+    "pool": ("taps_vjp", "lax"),
+}
+DEPTHWISE_IMPLS = IMPLS["depthwise"]
 
 # Chosen per backend from benchmarks/depthwise.py and benchmarks/compare.py. CPU (2 cores, jax
-# 0.10.2): 'taps' was 20-37x faster than 'lax' forward and 5-8x forward+backward on Xception
-# shapes; 'taps_vjp' (same forward, hand-written backward) is another 1.4-2.7x on the layer's
-# forward+backward, and on the full 299px train step it cut compile time ~4x and peak memory
-# ~40% (benchmarks/compare.py). GPU/TPU: 'lax' lowers to cuDNN's / the TPU's depthwise kernels
-# with one pass over the input instead of k*k strided reads; not measured here, so it is the
-# safe choice until benchmarks/depthwise.py says otherwise.
-DEFAULT_DEPTHWISE_IMPL = {
-    "cpu": "taps_vjp",
-    "gpu": "lax",
-    "cuda": "lax",
-    "rocm": "lax",
-    "tpu": "lax",
+# 0.10.2): depthwise 'taps' was 20-37x faster than 'lax' forward and 5-8x forward+backward on
+# Xception shapes; 'taps_vjp' (same forward, hand-written backward) is another 1.4-2.7x on the
+# layer's forward+backward, and on the full 299px train step it cut compile time ~4x and peak
+# memory ~40%. The stem conv's 'im2col' and the max-pool's 'taps_vjp' replace XLA CPU's
+# convolution kernel gradient (~9 GFLOP/s) and its select-and-scatter / variadic reduce-window
+# max-pool gradient (benchmarks/ops.py gives the figures). GPU/TPU: 'lax' lowers to cuDNN's /
+# the TPU's own kernels; not measured here, so it is the safe choice there.
+_CPU_IMPLS = {"depthwise": "taps_vjp", "conv": "im2col", "pool": "taps_vjp"}
+_ACCELERATOR_IMPLS = {"depthwise": "lax", "conv": "lax", "pool": "lax"}
+DEFAULT_IMPLS = {
+    "cpu": _CPU_IMPLS,
+    "gpu": _ACCELERATOR_IMPLS,
+    "cuda": _ACCELERATOR_IMPLS,
+    "rocm": _ACCELERATOR_IMPLS,
+    "tpu": _ACCELERATOR_IMPLS,
 }
 
 Padding = str | Sequence[tuple[int, int]]
 
 
-def default_depthwise_impl(backend: str | None = None) -> str:
-    """Return the default depthwise implementation for ``backend`` (default: JAX's default)."""
+def default_impl(op: str, backend: str | None = None) -> str:
+    """The default implementation of ``op`` ('depthwise', 'conv', 'pool') on ``backend``."""
     backend = backend or jax.default_backend()
-    return DEFAULT_DEPTHWISE_IMPL.get(backend, "lax")
+    return DEFAULT_IMPLS.get(backend, _ACCELERATOR_IMPLS)[op]
 
 
-def resolve_depthwise_impl(impl: str) -> str:
-    """Map ``'auto'`` to the backend default and validate an explicit implementation name."""
+def resolve_impl(op: str, impl: str) -> str:
+    """Map ``'auto'`` to the backend default of ``op`` and validate an explicit name."""
     if impl == "auto":
-        return default_depthwise_impl()
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(
-            f"Unknown depthwise impl {impl!r}; use 'auto' or one of {list(DEPTHWISE_IMPLS)}."
-        )
+        return default_impl(op)
+    if impl not in IMPLS[op]:
+        raise ValueError(f"Unknown {op} impl {impl!r}; use 'auto' or one of {list(IMPLS[op])}.")
     return impl
 
 
@@ -87,6 +99,16 @@ def _explicit_padding(
     raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}.")
 
 
+def _spatial_pads(shape, ksize, strides, dilation, padding: Padding):
+    """((top, bottom), (left, right)) of NHWC ``shape`` for 'SAME' / 'VALID' / explicit pairs."""
+    if isinstance(padding, str):
+        return tuple(
+            _explicit_padding(shape[1 + a], ksize[a], strides[a], dilation[a], padding)
+            for a in range(2)
+        )
+    return tuple(_explicit_padding(0, 0, 1, 1, p) for p in padding)
+
+
 def depthwise_conv(
     x: jax.Array,
     kernel: jax.Array,
@@ -104,12 +126,12 @@ def depthwise_conv(
       strides: int or (sh, sw).
       dilation: int or (dh, dw) (atrous rate).
       padding: 'SAME' (TF semantics), 'VALID', or ((top, bottom), (left, right)).
-      impl: 'taps', 'lax' or 'auto' (the backend's default, ``DEFAULT_DEPTHWISE_IMPL``).
+      impl: 'taps', 'taps_vjp', 'lax' or 'auto' (the backend's default, ``DEFAULT_IMPLS``).
 
     Returns:
       ``[B, H', W', C]`` in the result dtype of ``x`` and ``kernel``.
     """
-    impl = resolve_depthwise_impl(impl)
+    impl = resolve_impl("depthwise", impl)
     if x.ndim != 4 or kernel.ndim != 4:
         raise ValueError(
             "depthwise_conv wants x [B,H,W,C] and kernel [kh,kw,1,C]; "
@@ -123,13 +145,7 @@ def depthwise_conv(
         )
     sh, sw = _pair(strides, "strides")
     dh, dw = _pair(dilation, "dilation")
-    if isinstance(padding, str):
-        pads = (
-            _explicit_padding(x.shape[1], kh, sh, dh, padding),
-            _explicit_padding(x.shape[2], kw, sw, dw, padding),
-        )
-    else:
-        pads = tuple(_explicit_padding(0, 0, 1, 1, p) for p in padding)
+    pads = _spatial_pads(x.shape, (kh, kw), (sh, sw), (dh, dw), padding)
     if impl == "lax":
         return lax.conv_general_dilated(
             x,
@@ -305,3 +321,197 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, *, strides: int | Sequence[i
     # 8x147x147x128 -> 128, forward + backward, 1 core: 542 -> 299 ms).
     y = lax.dot(x.reshape(-1, x.shape[-1]), kernel)
     return y.reshape(*x.shape[:-1], kernel.shape[1])
+
+
+def _place_taps(terms, in_hw, pads, strides):
+    """Sum of per-tap windows put back where the taps read them: the adjoint of the tap slices.
+
+    ``terms[(i, j)]`` ([B, H', W', C]) holds, for each output position, what flows back to the
+    input element that tap (i, j) of its window read (kernel offsets, stride ``strides``, input
+    padded by ``pads``). Each term is zero-interleaved by the stride and shifted by the tap
+    offset with one ``lax.pad`` (negative padding crops the input padding); XLA fuses the
+    k*k pads and their sum into one loop over the ``[B, H, W, C]`` result.
+    """
+    (h, w), (sh, sw) = in_hw, strides
+    (plo_h, _), (plo_w, _) = pads
+    total = None
+    for (i, j), term in terms.items():
+        oh, ow = term.shape[1], term.shape[2]
+        lo_h, lo_w = i - plo_h, j - plo_w
+        placed = lax.pad(
+            term,
+            jnp.zeros((), term.dtype),
+            (
+                (0, 0, 0),
+                (lo_h, h - lo_h - (oh - 1) * sh - 1, sh - 1),
+                (lo_w, w - lo_w - (ow - 1) * sw - 1, sw - 1),
+                (0, 0, 0),
+            ),
+        )
+        total = placed if total is None else total + placed
+    return total
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    impl: str = "auto",
+) -> jax.Array:
+    """Dense 2-D convolution, no bias, of NHWC ``x`` with an HWIO ``kernel`` (the stem's 3x3 convs).
+
+    Args:
+      x: input, ``[B, H, W, Cin]``.
+      kernel: ``[kh, kw, Cin, Cout]`` (``nn.Conv``'s layout).
+      strides: int or (sh, sw).
+      padding: 'SAME' (TF semantics), 'VALID', or ((top, bottom), (left, right)).
+      impl: 'im2col', 'lax' or 'auto' (the backend's default, ``DEFAULT_IMPLS``).
+
+    Returns:
+      ``[B, H', W', Cout]`` in the result dtype of ``x`` and ``kernel``.
+    """
+    impl = resolve_impl("conv", impl)
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(
+            f"conv2d wants x [B,H,W,Cin] and kernel [kh,kw,Cin,Cout]; got {x.shape} and "
+            f"{kernel.shape}."
+        )
+    strides = _pair(strides, "strides")
+    pads = _spatial_pads(x.shape, kernel.shape[:2], strides, (1, 1), padding)
+    if impl == "lax":
+        return lax.conv_general_dilated(
+            x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    return _conv_im2col(x, kernel, strides, pads)
+
+
+def _im2col(xp, ksize, strides):
+    """``[B*H'*W', kh*kw*Cin]`` patches of padded ``xp``, (i, j, c) minor: an HWIO kernel's rows.
+
+    Each tap is zero-padded into its column block and the blocks are summed, which XLA CPU fuses
+    into one multi-threaded loop: 97 ms for 8x149x149x32 against 137-147 ms for
+    ``concatenate`` / ``stack`` of the taps and 87-ish ms plus a full copy for a chain of
+    dynamic-update-slices (single-threaded).
+    """
+    # The barrier materialises xp: XLA otherwise fuses its producer (the stem's BatchNorm and
+    # ReLU) into this loop, where it ran 10x slower than on its own (1.2 s vs 0.1 s at 299px).
+    xp = lax.optimization_barrier(xp)
+    taps = [tap for _, tap in _window_taps(xp, *ksize, strides, (1, 1), "convolution")]
+    c, n = xp.shape[-1], len(taps)
+    cols = None
+    for t, tap in enumerate(taps):
+        block = lax.pad(
+            tap, jnp.zeros((), tap.dtype), ((0, 0, 0),) * 3 + ((t * c, (n - 1 - t) * c, 0),)
+        )
+        cols = block if cols is None else cols + block
+    return cols.reshape(-1, n * c)
+
+
+# 'im2col': the convolution as one matmul of the patches with the flattened kernel, and a
+# hand-written backward that keeps x (not the 9x larger patches) and rebuilds them: kernel
+# gradient = patches^T g (one matmul instead of XLA CPU's convolution-shaped weight gradient,
+# which ran at ~9 GFLOP/s), input gradient = the patch gradient g W^T put back by
+# ``_place_taps`` (XLA drops it for the first conv, whose input is the image).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_im2col(x, kernel, strides, pads):
+    return _conv_im2col_fwd(x, kernel, strides, pads)[0]
+
+
+def _conv_im2col_fwd(x, kernel, strides, pads):
+    kh, kw, cin, cout = kernel.shape
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    oh = (xp.shape[1] - kh) // strides[0] + 1
+    ow = (xp.shape[2] - kw) // strides[1] + 1
+    y = lax.dot(_im2col(xp, (kh, kw), strides), kernel.reshape(kh * kw * cin, cout))
+    return y.reshape(x.shape[0], oh, ow, cout), (x, kernel)
+
+
+def _conv_im2col_bwd(strides, pads, res, g):
+    x, kernel = res
+    kh, kw, cin, cout = kernel.shape
+    g2 = g.reshape(-1, cout)
+    cols = _im2col(jnp.pad(x, ((0, 0), *pads, (0, 0))), (kh, kw), strides)
+    dk = lax.dot_general(cols, g2, (((0,), (0,)), ((), ())))
+    dcols = lax.dot(g2, kernel.reshape(kh * kw * cin, cout).T).reshape(*g.shape[:3], kh * kw * cin)
+    terms = {
+        (i, j): dcols[..., (i * kw + j) * cin : (i * kw + j + 1) * cin]
+        for i in range(kh)
+        for j in range(kw)
+    }
+    dx = _place_taps(terms, x.shape[1:3], pads, strides)
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
+
+
+def max_pool(
+    x: jax.Array,
+    window: int | Sequence[int] = 3,
+    *,
+    strides: int | Sequence[int] = 2,
+    padding: Padding = "SAME",
+    impl: str = "auto",
+) -> jax.Array:
+    """Max-pool of NHWC float ``x`` (padding counts as -inf, as ``nn.max_pool``).
+
+    Args:
+      x: input, ``[B, H, W, C]``, floating point.
+      window: int or (kh, kw).
+      strides: int or (sh, sw).
+      padding: 'SAME' (TF semantics), 'VALID', or ((top, bottom), (left, right)).
+      impl: 'taps_vjp', 'lax' or 'auto' (the backend's default, ``DEFAULT_IMPLS``).
+
+    Gradients go to the first maximal element of each window in row-major window order, as
+    XLA's select-and-scatter does; both implementations agree exactly, ties included.
+    """
+    impl = resolve_impl("pool", impl)
+    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"max_pool wants float NHWC x; got {x.dtype} {x.shape}.")
+    window, strides = _pair(window, "window"), _pair(strides, "strides")
+    pads = _spatial_pads(x.shape, window, strides, (1, 1), padding)
+    if impl == "lax":
+        return _max_pool_lax(x, window, strides, pads)
+    return _max_pool_taps_vjp(x, window, strides, pads, x.shape[1:3])
+
+
+def _max_pool_lax(x, window, strides, pads):
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+    )
+
+
+# 'taps_vjp': the forward of the differentiated pool is a fused max over the k*k taps that also
+# records which tap won (int8, a quarter of the output's bytes, instead of storing the input),
+# and the backward places each cotangent on its winner with ``_place_taps``. XLA CPU's own
+# gradient (a variadic reduce-window over the input with four int32 iotas, then a scatter)
+# took 4-6x longer on Xception's pools (benchmarks/ops.py).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_taps_vjp(x, window, strides, pads, in_hw):
+    return _max_pool_lax(x, window, strides, pads)
+
+
+def _max_pool_taps_vjp_fwd(x, window, strides, pads, in_hw):
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    index_dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
+    y = winner = None
+    for t, (_, tap) in enumerate(_window_taps(xp, *window, strides, (1, 1), "max pool")):
+        if y is None:
+            y, winner = tap, jnp.zeros(tap.shape, index_dtype)
+        else:
+            # Strictly greater: an equal later tap does not take over (first maximum wins).
+            winner = jnp.where(tap > y, jnp.asarray(t, index_dtype), winner)
+            y = jnp.maximum(y, tap)
+    return y, winner
+
+
+def _max_pool_taps_vjp_bwd(window, strides, pads, in_hw, winner, g):
+    kh, kw = window
+    zero = jnp.zeros((), g.dtype)
+    terms = {(i, j): jnp.where(winner == i * kw + j, g, zero) for i in range(kh) for j in range(kw)}
+    return (_place_taps(terms, in_hw, pads, strides),)
+
+
+_max_pool_taps_vjp.defvjp(_max_pool_taps_vjp_fwd, _max_pool_taps_vjp_bwd)
