@@ -27,6 +27,7 @@ when present): install it as benchmarks/requirements-peers.txt says.
   python benchmarks/compare.py                                   # everything, both sizes
   python benchmarks/compare.py --sizes 128:32 --systems flax:taps flax:taps_vjp timm
   python benchmarks/compare.py --reps 3 --steps 5 --json results.json
+  python benchmarks/compare.py --glibc-tunables glibc.malloc.hugetlb=1     # THP for malloc
 """
 
 from __future__ import annotations
@@ -226,8 +227,10 @@ def _python_for(system: str, torch_python: str) -> str:
     return torch_python if system == "timm" else sys.executable
 
 
-def _env_for(system: str, cache_dir: str | None) -> dict:
+def _env_for(system: str, cache_dir: str | None, glibc_tunables: str | None) -> dict:
     env = dict(os.environ)
+    if glibc_tunables is not None:  # the same for every system: a fair comparison
+        env["GLIBC_TUNABLES"] = glibc_tunables
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # first-call times are cold compiles...
     if cache_dir:  # ...unless asked to show the persistent cache's effect
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
@@ -259,7 +262,7 @@ def run_one(system: str, size: int, batch: int, args) -> dict:
     try:
         proc = subprocess.run(
             cmd,
-            env=_env_for(system, args.compilation_cache),
+            env=_env_for(system, args.compilation_cache, args.glibc_tunables),
             capture_output=True,
             text=True,
             timeout=args.timeout,
@@ -360,6 +363,12 @@ def main(argv=None) -> None:
         help="python with torch + timm (default: .venv-peers/bin/python if it exists)",
     )
     p.add_argument("--compilation-cache", default=None, help="JAX persistent cache dir for runs")
+    p.add_argument(
+        "--glibc-tunables",
+        default=None,
+        help="GLIBC_TUNABLES for every system's process, e.g. glibc.malloc.hugetlb=1 "
+        "(transparent huge pages for malloc: far fewer page faults on large buffers)",
+    )
     p.add_argument("--json", default=None, help="also write every record to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)
@@ -371,6 +380,7 @@ def main(argv=None) -> None:
         return
 
     print(f"cpu cores: {os.cpu_count()}, load average at start: {os.getloadavg()}", flush=True)
+    print(f"GLIBC_TUNABLES for every system: {args.glibc_tunables!r}", flush=True)
     records = []
     for rep in range(args.reps):
         order = list(args.systems) if rep % 2 == 0 else list(reversed(args.systems))
