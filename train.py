@@ -6,6 +6,7 @@ Every host of a multi-host job runs this same command.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -67,6 +68,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     absl_logging.get_absl_handler().addFilter(_quiet_orbax)
+    from xception_jax import hugepages
+
+    absl_logging.info(
+        "malloc with transparent huge pages: %s (GLIBC_TUNABLES=%r; see xception_jax/hugepages.py)",
+        hugepages.active(),
+        os.environ.get("GLIBC_TUNABLES"),
+    )
     # Imported here so that --help and flag errors come back without loading JAX/TF.
     from xception_jax import checkpoints, config_validation, sharding, train
 
@@ -97,4 +105,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from xception_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # faster CPU steps; XCEPTION_JAX_HUGEPAGES=0 opts out
     app.run(main, flags_parser=parse_flags)

@@ -27,7 +27,10 @@ when present): install it as benchmarks/requirements-peers.txt says.
   python benchmarks/compare.py                                   # everything, both sizes
   python benchmarks/compare.py --sizes 128:32 --systems flax:taps flax:taps_vjp timm
   python benchmarks/compare.py --reps 3 --steps 5 --json results.json
-  python benchmarks/compare.py --glibc-tunables glibc.malloc.hugetlb=1     # THP for malloc
+  python benchmarks/compare.py --glibc-tunables ''    # without huge pages for malloc
+
+Every system runs with the same ``GLIBC_TUNABLES``: by default ``glibc.malloc.hugetlb=1``, which
+train.py sets for itself (xception_jax/hugepages.py); the peers are measured under it too.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ PEERS = ("keras-tf", "keras-jax", "timm")
 DEFAULT_SYSTEMS = ("flax", "keras-tf", "keras-jax", "timm")
 NUM_CLASSES = 1000
 RESULT_TAG = "RESULT "
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"  # = xception_jax.hugepages.TUNABLE
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,9 +369,9 @@ def main(argv=None) -> None:
     p.add_argument("--compilation-cache", default=None, help="JAX persistent cache dir for runs")
     p.add_argument(
         "--glibc-tunables",
-        default=None,
-        help="GLIBC_TUNABLES for every system's process, e.g. glibc.malloc.hugetlb=1 "
-        "(transparent huge pages for malloc: far fewer page faults on large buffers)",
+        default=HUGEPAGE_TUNABLE,
+        help="GLIBC_TUNABLES for every system's process (default: transparent huge pages for "
+        "malloc, as train.py runs by default; '' for glibc's defaults)",
     )
     p.add_argument("--json", default=None, help="also write every record to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
