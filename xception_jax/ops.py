@@ -39,7 +39,7 @@ IMPLS = {
 }
 DEPTHWISE_IMPLS = IMPLS["depthwise"]
 
-# Chosen per backend from benchmarks/depthwise.py and benchmarks/compare.py. CPU (2 cores, jax
+# Chosen per backend from benchmarks/ops.py and benchmarks/compare.py. CPU (2 cores, jax
 # 0.10.2): depthwise 'taps' was 20-37x faster than 'lax' forward and 5-8x forward+backward on
 # Xception shapes; 'taps_vjp' (same forward, hand-written backward) is another 1.4-2.7x on the
 # layer's forward+backward, and on the full 299px train step it cut compile time ~4x and peak
@@ -455,7 +455,8 @@ def max_pool(
       impl: 'taps_vjp', 'lax' or 'auto' (the backend's default, ``DEFAULT_IMPLS``).
 
     Gradients go to the first maximal element of each window in row-major window order, as
-    XLA's select-and-scatter does; both implementations agree exactly, ties included.
+    XLA's select-and-scatter does: both implementations send each cotangent to the same element,
+    ties included.
     """
     impl = resolve_impl("pool", impl)
     if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):

@@ -1,0 +1,151 @@
+"""Micro-benchmark of the op implementations of xception_jax.ops, against each other.
+
+Times the jitted forward and forward+backward (gradients w.r.t. input and, for convs, kernel)
+of every implementation of the depthwise conv ('taps', 'taps_vjp', 'lax'), the stem's dense
+conv ('im2col', 'lax') and the max-pool ('taps_vjp', 'lax') on Xception's shapes at 299px batch 8
+and 128px batch 32; prints milliseconds (median of ``--iters`` runs after a warm-up) and the
+ratio to 'lax'. Optionally times a whole model train step (SGD on cross-entropy) per
+implementation of one op, the others at their defaults.
+
+  python benchmarks/ops.py                                  # every op, every shape
+  python benchmarks/ops.py --ops pool conv
+  python benchmarks/ops.py --ops depthwise --model xception_tiny --batch 32 --size 64
+  python benchmarks/ops.py --ops conv --model xception --batch 8 --size 299 --iters 3 --skip-layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xception_jax import ops  # noqa: E402
+
+# Per op, (input shape, stride[, out channels]): the layers of Xception at 299px batch 8 and at
+# 128px batch 32 (entry, middle, exit flows; the stem's two convs; the four max-pools), and one
+# strided depthwise case (aligned Xception).
+SHAPES = {
+    "depthwise": [
+        ((8, 37, 37, 256), 1),
+        ((8, 19, 19, 728), 1),
+        ((32, 16, 16, 728), 1),
+        ((8, 38, 38, 256), 2),
+    ],
+    "conv": [
+        ((8, 299, 299, 3), 2, 32),
+        ((8, 149, 149, 32), 1, 64),
+        ((32, 128, 128, 3), 2, 32),
+        ((32, 63, 63, 32), 1, 64),
+    ],
+    "pool": [
+        ((8, 147, 147, 128), 2),
+        ((8, 74, 74, 256), 2),
+        ((8, 37, 37, 728), 2),
+        ((8, 19, 19, 1024), 2),
+        ((32, 61, 61, 128), 2),
+    ],
+}
+MODEL_FIELD = {"depthwise": "depthwise_impl", "conv": "conv_impl", "pool": "pool_impl"}
+
+
+def _time(fn, *args, iters: int) -> float:
+    """Median wall time of ``fn(*args)`` in ms, after one compile-and-warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _apply(op: str, impl: str, case):
+    """(function of the differentiable inputs, those inputs) for one op, impl and shape."""
+    shape, stride = case[0], case[1]
+    kx, kk = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, shape)
+    if op == "pool":
+        return (lambda x: ops.max_pool(x, 3, strides=stride, impl=impl)), (x,)
+    if op == "conv":
+        k = jax.random.normal(kk, (3, 3, shape[-1], case[2]))
+        return (lambda x, k: ops.conv2d(x, k, strides=stride, padding="VALID", impl=impl)), (x, k)
+    k = jax.random.normal(kk, (3, 3, 1, shape[-1]))
+    return (lambda x, k: ops.depthwise_conv(x, k, strides=stride, impl=impl)), (x, k)
+
+
+def bench_layer(op: str, impl: str, case, iters: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of one op on one shape."""
+    fn, args = _apply(op, impl, case)
+    fwd = jax.jit(fn)
+    argnums = tuple(range(len(args)))
+    bwd = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=argnums))
+    return _time(fwd, *args, iters=iters), _time(bwd, *args, iters=iters)
+
+
+def bench_model(name: str, op: str, impl: str, batch: int, size: int, iters: int) -> float:
+    """ms per SGD train step (forward, backward, update, BN stats) of a registered model."""
+    from xception_jax.models import create_model
+
+    model = create_model(name, num_classes=10, **{MODEL_FIELD[op]: impl})
+    x = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1, maxval=1)
+    y = jnp.arange(batch) % 10
+    variables = jax.jit(lambda: model.init(jax.random.key(0), x[:1]))()
+
+    @jax.jit
+    def step(params, stats):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            onehot = jax.nn.one_hot(y, 10)
+            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), upd
+
+        grads, upd = jax.grad(loss_fn, has_aux=True)(params)
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, params, grads)
+        return params, upd["batch_stats"]
+
+    return _time(step, variables["params"], variables["batch_stats"], iters=iters)
+
+
+def main() -> None:
+    """Parse flags, run the benchmarks, print a table per op."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ops", nargs="+", default=list(ops.IMPLS), choices=list(ops.IMPLS))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--model", default=None, help="also time a train step of this variant")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--skip-layers", action="store_true")
+    args = p.parse_args()
+    print(f"backend={jax.default_backend()} devices={jax.devices()}")
+    for op in args.ops:
+        impls = ops.IMPLS[op]
+        print(f"\n{op}: default {ops.default_impl(op)!r}; ms, median; f = forward, f+b = forward")
+        print("+ gradients; x = 'lax' f+b / this f+b")
+        if not args.skip_layers:
+            print(
+                f"{'shape, stride[, out]':<32}"
+                + "".join(f"{i + ' f':>12}{i + ' f+b':>14}{'x':>7}" for i in impls)
+            )
+            for case in SHAPES[op]:
+                times = {impl: bench_layer(op, impl, case, args.iters) for impl in impls}
+                row = f"{str(case):<32}"
+                for impl in impls:
+                    f, b = times[impl]
+                    row += f"{f:>12.2f}{b:>14.2f}{times['lax'][1] / b:>7.2f}"
+                print(row, flush=True)
+        if args.model:
+            for impl in impls:
+                t = bench_model(args.model, op, impl, args.batch, args.size, args.iters)
+                name = f"{args.model} b={args.batch} {args.size}px {op}={impl}"
+                print(f"train step {name}: {t:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
