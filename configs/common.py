@@ -18,6 +18,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.intermediate_activation = "none"  # 'none' | 'relu' | 'elu' (paper Fig. 10).
     config.model.dropout_rate = 0.0
     config.model.remat = False  # Recompute sepconvs' inner activations (no CPU gain measured).
+    # Op implementations (xception_jax.ops.IMPLS; all equal in value): 'auto' is the backend's
+    # fastest measured. E.g. 'lax' everywhere for XLA's own ops, or 'taps_vjp' to try on GPU.
+    config.model.depthwise_impl = "auto"  # 'taps_vjp' | 'taps' | 'lax'
+    config.model.conv_impl = "auto"  # The stem convs: 'im2col' | 'lax'
+    config.model.pool_impl = "auto"  # The max-pools: 'taps_vjp' | 'lax'
     config.half_precision = False  # bfloat16 compute, float32 params.
 
     # Data (xception_jax.input_pipeline).

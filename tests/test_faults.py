@@ -255,6 +255,12 @@ BAD_INPUTS = {
         config_validation.ConfigError,
         "config.model: Unknown model 'xception_tiyn'",
     ),
+    "unknown_op_implementation": (
+        {"model.pool_impl": "taps"},
+        config_validation.ConfigError,
+        "config.model.pool_impl: Unknown pool impl 'taps'; use 'auto' or one of "
+        "['taps_vjp', 'lax']",
+    ),
     "batch_not_divisible": (
         {"batch_size": 12, "devices": 8},
         config_validation.ConfigError,

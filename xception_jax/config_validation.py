@@ -8,7 +8,7 @@ import os
 import jax
 import ml_collections
 
-from xception_jax import input_pipeline, models
+from xception_jax import input_pipeline, models, ops
 
 # Fields that checkpoints.load() adds to a run's config (a loaded config may be trained on).
 _DERIVED_FIELDS = ("num_classes", "class_names")
@@ -107,6 +107,11 @@ def validate(
     except (ValueError, TypeError) as e:  # Unknown model name or model field.
         errors.append(f"config.model: {e}")
     else:
+        for op in ops.IMPLS:  # A bad name would otherwise only fail while compiling.
+            try:
+                ops.resolve_impl(op, getattr(model, f"{op}_impl"))
+            except ValueError as e:
+                errors.append(f"config.model.{op}_impl: {e}")
         if config.image_size < model.min_input_size:
             errors.append(
                 f"config.image_size={config.image_size} is below the {model.min_input_size}px "
