@@ -19,6 +19,7 @@ import os
 import sys
 
 import numpy as np
+from flax import traverse_util
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -51,16 +52,6 @@ class Group:
     runs: list[Run]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 def load_run(workdir: str) -> Run:
     """Reads a workdir's metrics.jsonl (required) and config.json (optional: empty config)."""
     path = os.path.join(workdir, METRICS_FILE)
@@ -71,7 +62,8 @@ def load_run(workdir: str) -> Run:
     config = {}
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            config = _flatten(json.load(f))
+            flat = traverse_util.flatten_dict(json.load(f), sep=".")
+            config = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
     return Run(os.path.normpath(workdir), config, records)
 
 

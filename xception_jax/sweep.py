@@ -23,6 +23,7 @@ import sys
 import time
 
 from absl import app, flags
+from flax import traverse_util
 from ml_collections import config_flags
 
 # name -> list of (variant name, {dotted config field: value}).
@@ -113,24 +114,14 @@ def resolved_config(config, fields: dict):
     return config
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def status(config, workdir: str) -> str:
     """'new', 'partial' or 'done' for a run's workdir; raises if it holds another config."""
     config_file = os.path.join(workdir, "config.json")
     if not os.path.exists(config_file):
         return "new"
     with open(config_file) as f:
-        have = _flatten(json.load(f))
-    want = _flatten(json.loads(config.to_json_best_effort()))
+        have = traverse_util.flatten_dict(json.load(f), sep=".")
+    want = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     # Fields only one side has come from another code version (a field added since): ignored.
     differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
     if differ:
