@@ -1,5 +1,6 @@
-"""Depthwise / pointwise ops and the separable-conv layers."""
+"""Depthwise / pointwise ops, the separable-conv layers and BatchNorm."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from jax import lax
 
 from xception_jax import ops
-from xception_jax.layers import DepthwiseConv, PointwiseConv, SeparableConv
+from xception_jax.layers import BatchNorm, DepthwiseConv, PointwiseConv, SeparableConv
 
 
 def _inputs(shape=(2, 9, 10, 6), k=3, seed=0):
@@ -135,3 +136,51 @@ def test_bf16_compute_with_f32_params():
         variables = layer.init(jax.random.key(0), x)
         assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
         assert layer.apply(variables, x).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype,grad_atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_batch_norm_equals_flax_batch_norm(dtype, grad_atol):
+    """Same variables, outputs, running statistics and gradients as nn.BatchNorm (two-pass)."""
+    x = (3.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) + 2.0).astype(dtype)
+    ours = BatchNorm(momentum=0.9, epsilon=1e-3, dtype=dtype)
+    ref = nn.BatchNorm(
+        use_running_average=False,
+        momentum=0.9,
+        epsilon=1e-3,
+        use_fast_variance=False,
+        dtype=dtype,
+    )
+    variables = ours.init(jax.random.key(1), x)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), variables) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), ref.init(jax.random.key(1), x)
+    )
+    # Non-trivial parameters and running statistics (init gives ones and zeros).
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    noisy = [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    variables = jax.tree.unflatten(treedef, noisy)
+    weights = jax.random.normal(jax.random.key(3), x.shape)
+
+    def loss(module, variables, x):
+        y, updated = module.apply(variables, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.tanh(y.astype(jnp.float32)) * weights), (y, updated)
+
+    def run(module):
+        return jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(module, variables, x)
+
+    (_, (y, stats)), grads = run(ours)
+    (_, (ref_y, ref_stats)), ref_grads = run(ref)
+    assert y.dtype == ref_y.dtype == dtype
+    np.testing.assert_allclose(y.astype(jnp.float32), ref_y.astype(jnp.float32), atol=1e-6)
+    for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(ref_stats), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(
+            got.astype(jnp.float32), want.astype(jnp.float32), rtol=1e-5, atol=grad_atol
+        )
+    evaluated = ours.clone(use_running_average=True).apply(variables, x)
+    ref_evaluated = ref.clone(use_running_average=True).apply(variables, x)
+    assert evaluated.dtype == dtype
+    np.testing.assert_allclose(
+        evaluated.astype(jnp.float32), ref_evaluated.astype(jnp.float32), atol=1e-6
+    )

@@ -1,12 +1,14 @@
 """Every optimised path equals its reference, in values and gradients: depthwise 'taps_vjp'
 (hand-written backward) vs ``lax.conv_general_dilated``, the stem conv's 'im2col' vs the dense
-``conv_general_dilated``, the max-pool's 'taps_vjp' vs ``reduce_window`` (ties included);
-bfloat16; remat and all of them together in the model."""
+``conv_general_dilated``, the max-pool's 'taps_vjp' vs ``reduce_window`` (ties included),
+BatchNorm's hand-written training backward vs autodiff; bfloat16; remat and all of them
+together in the model."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from xception_jax import models, ops
 
@@ -243,3 +245,37 @@ def test_model_gradients_same_for_fast_impls_and_remat():
     for g, r in zip(leaves, jax.tree.leaves((ref_grads, ref_stats)), strict=True):
         assert g.dtype == r.dtype == jnp.float64
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
+
+
+def _batch_norm_reference(x, scale, bias, epsilon):
+    """The forward of ``ops.batch_norm_train`` left to JAX's automatic differentiation."""
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 1, 1, 4)])
+def test_batch_norm_train_vjp_equals_autodiff(shape):
+    """The hand-written backward, with cotangents on y, mean and var, equals autodiff (float64)."""
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(0), 6)
+        x = 3.0 * jax.random.normal(keys[0], shape, jnp.float64) + 2.0
+        scale = jax.random.normal(keys[1], shape[-1:], jnp.float64)
+        bias = jax.random.normal(keys[2], shape[-1:], jnp.float64)
+        cts = (
+            jax.random.normal(keys[3], shape, jnp.float64),
+            jax.random.normal(keys[4], shape[-1:], jnp.float64),
+            jax.random.normal(keys[5], shape[-1:], jnp.float64),
+        )
+        outs, vjp = jax.vjp(lambda *a: ops.batch_norm_train(*a, epsilon=1e-3), x, scale, bias)
+        ref_outs, ref_vjp = jax.vjp(
+            lambda *a: _batch_norm_reference(*a, epsilon=1e-3), x, scale, bias
+        )
+        for got, want in zip((*outs, *vjp(cts)), (*ref_outs, *ref_vjp(cts)), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_norm_train_rejects_mismatched_parameters():
+    x = jnp.ones((2, 3, 3, 4))
+    with pytest.raises(ValueError, match=r"scale \(5,\).*channels of x"):
+        ops.batch_norm_train(x, jnp.ones(5), jnp.zeros(4), epsilon=1e-3)

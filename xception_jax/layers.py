@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from xception_jax import ops
 
@@ -115,6 +116,42 @@ class Conv(nn.Module):
         return ops.conv2d(x, kernel, strides=self.strides, padding=self.padding, impl=self.impl)
 
 
+class BatchNorm(nn.Module):
+    """``nn.BatchNorm`` over all axes but the last, with a hand-written training backward.
+
+    The variables, their names and the values are ``nn.BatchNorm(use_fast_variance=False)``'s:
+    params ``scale`` and ``bias``, batch_stats ``mean`` and ``var`` (float32), two-pass
+    variance (as Keras/TF: ``E[x^2] - E[x]^2`` cancels catastrophically when ``|mean| >> std``,
+    and its result then depends on the reduction order), and running averages updated as
+    ``momentum * running + (1 - momentum) * batch``, except while initialising. Training mode
+    runs ``ops.batch_norm_train``.
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise ``[..., C]`` ``x`` with the batch's (training) or the running statistics."""
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, features, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, features, self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        if self.use_running_average:
+            y = (x - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+            return y.astype(dtype)
+        y, mean, var = ops.batch_norm_train(x, scale, bias, epsilon=self.epsilon, dtype=dtype)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
 class SeparableConv(nn.Module):
     """Depthwise ``kernel_size`` conv then pointwise 1x1 conv, no bias, depth multiplier 1.
 
@@ -157,11 +194,10 @@ class SeparableConv(nn.Module):
             name="depthwise",
         )(x)
         if self.depthwise_norm:
-            x = nn.BatchNorm(
+            x = BatchNorm(
                 use_running_average=not train,
                 momentum=self.bn_momentum,
                 epsilon=self.bn_epsilon,
-                use_fast_variance=False,  # Two-pass, as in models.Xception.
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="depthwise_bn",

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from xception_jax import ops
-from xception_jax.layers import Conv, PointwiseConv, SeparableConv, get_activation
+from xception_jax.layers import BatchNorm, Conv, PointwiseConv, SeparableConv, get_activation
 
 Dtype = Any
 
@@ -103,14 +103,11 @@ class _XceptionBase(nn.Module):
     def _ch(self, channels: int) -> int:
         return round_channels(channels, self.width_multiplier)
 
-    def _bn(self, name: str, train: bool) -> nn.BatchNorm:
-        return nn.BatchNorm(
+    def _bn(self, name: str, train: bool) -> BatchNorm:
+        return BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
-            # Two-pass variance, as Keras/TF: E[x^2] - E[x]^2 cancels catastrophically when
-            # |mean| >> std, and its result then depends on the reduction order (device count).
-            use_fast_variance=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
