@@ -3,8 +3,9 @@
 Measures, for each system and image size, a full training step (forward, backward, SGD with
 momentum 0.9, BatchNorm in training mode, float32, 1000 classes) and inference (BatchNorm with
 running statistics): images/s (median of the timed steps after a warm-up), the time of the
-first call (compile + first step for XLA systems, first eager step for the others) and the
-peak resident memory (ru_maxrss) after inference and after training.
+first call (compile + first step for XLA systems, first eager step for the others), for this
+codebase the train step's compile time alone (trace, lower and XLA compile, timed ahead of the
+first call), and the peak resident memory (ru_maxrss) after inference and after training.
 
 Systems (``--systems``):
   flax            this codebase: ``xception_jax.train.train_step`` (the step train.py jits, with
@@ -120,21 +121,34 @@ def _flax_runner(impl: str, size: int, batch: int, tree: str = ROOT, overrides=N
         x = models.preprocess(images, model.dtype)
         return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
 
+    compiled, compile_s = {}, {}
+
+    def compile_once(name, fn, *args):
+        # Ahead of the first call and timed on its own (trace + lower + XLA compile), so the
+        # table can tell compile time from the first step's run time.
+        if name not in compiled:
+            t0 = time.perf_counter()
+            compiled[name] = fn.lower(*args).compile()
+            compile_s[name] = time.perf_counter() - t0
+        return compiled[name]
+
     def train_step():
-        holder["state"], metrics = step_fn(holder["state"], batch_data)
+        step = compile_once("train", step_fn, holder["state"], batch_data)
+        holder["state"], metrics = step(holder["state"], batch_data)
         jax.block_until_ready(metrics)
 
     def infer_step():
         s = holder["state"]
-        jax.block_until_ready(infer_fn(s.params, s.batch_stats, batch_data["image"]))
+        infer = compile_once("infer", infer_fn, s.params, s.batch_stats, batch_data["image"])
+        jax.block_until_ready(infer(s.params, s.batch_stats, batch_data["image"]))
 
     def flops():
         """XLA's cost analysis of the compiled train step (forward + backward + update)."""
-        cost = step_fn.lower(holder["state"], batch_data).compile().cost_analysis()
+        cost = compile_once("train", step_fn, holder["state"], batch_data).cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return float(cost.get("flops", 0.0)) if cost else 0.0
 
-    return train_step, infer_step, flops
+    return train_step, infer_step, flops, compile_s
 
 
 def _keras_runner(size: int, batch: int):
@@ -158,7 +172,7 @@ def _keras_runner(size: int, batch: int):
     def infer_step():
         model.predict_on_batch(x)
 
-    return train_step, infer_step, None
+    return train_step, infer_step, None, {}
 
 
 def _timm_runner(size: int, batch: int):
@@ -190,7 +204,7 @@ def _timm_runner(size: int, batch: int):
         with torch.inference_mode():
             model(x)
 
-    return train_step, infer_step, None
+    return train_step, infer_step, None, {}
 
 
 def run_worker(args) -> dict:
@@ -204,13 +218,14 @@ def run_worker(args) -> dict:
         if options not in ("", "remat"):
             raise ValueError(f"Unknown option +{options} in {system!r}: the option is +remat.")
         overrides = {"remat": True} if options == "remat" else {}
-        train_step, infer_step, flops = _flax_runner(impl, size, batch, tree or ROOT, overrides)
+        runner = _flax_runner(impl, size, batch, tree or ROOT, overrides)
     elif system in ("keras-tf", "keras-jax"):
-        train_step, infer_step, flops = _keras_runner(size, batch)
+        runner = _keras_runner(size, batch)
     elif system == "timm":
-        train_step, infer_step, flops = _timm_runner(size, batch)
+        runner = _timm_runner(size, batch)
     else:
         raise ValueError(f"Unknown system {system!r}; use flax[:IMPL], {', '.join(PEERS)}.")
+    train_step, infer_step, flops, compile_s = runner
     record = {"system": system, "size": size, "batch": batch, "setup_s": time.perf_counter() - t0}
     kw = dict(warmup=args.warmup, steps=args.steps, max_seconds=args.max_seconds)
     record["infer"] = _measure(infer_step, **kw)
@@ -219,6 +234,7 @@ def run_worker(args) -> dict:
     record["train_peak_rss_mb"] = _peak_rss_mb()
     if flops is not None:
         record["train_step_flops"] = flops()
+    record["compile_s"] = compile_s  # {'train', 'infer'}: XLA systems that compile ahead
     return record
 
 
@@ -292,7 +308,8 @@ def summarize(records: list[dict], systems, sizes) -> str:
     lines = []
     head = (
         f"{'system':<16}{'size:batch':>11}{'train img/s':>13}{'infer img/s':>13}"
-        f"{'train 1st s':>13}{'infer 1st s':>13}{'RSS infer MB':>14}{'RSS train MB':>14}"
+        f"{'train 1st s':>13}{'compile s':>11}{'infer 1st s':>13}{'RSS infer MB':>14}"
+        f"{'RSS train MB':>14}"
         f"{'GFLOP/s':>9}{'load':>6}"
     )
     table = {}
@@ -309,6 +326,7 @@ def summarize(records: list[dict], systems, sizes) -> str:
                 "infer": _median(ok, lambda r, b=batch: b / r["infer"]["median_step_s"]),
                 "train_first": _median(ok, lambda r: r["train"]["first_s"]),
                 "infer_first": _median(ok, lambda r: r["infer"]["first_s"]),
+                "compile": _median(ok, lambda r: r.get("compile_s", {}).get("train", 0.0)),
                 "rss_infer": _median(ok, lambda r: r["infer_peak_rss_mb"]),
                 "rss_train": _median(ok, lambda r: r["train_peak_rss_mb"]),
                 "load": _median(ok, lambda r: r["load"]),
@@ -316,10 +334,11 @@ def summarize(records: list[dict], systems, sizes) -> str:
             flops = _median(ok, lambda r: r.get("train_step_flops", 0.0))
             gflops = flops / 1e9 * row["train"] / batch if flops else None
             table[(system, size)] = row
+            compile_txt = f"{row['compile']:.1f}" if row["compile"] else "-"
             lines.append(
                 f"{system:<16}{f'{size}:{batch}':>11}{row['train']:>13.2f}{row['infer']:>13.2f}"
-                f"{row['train_first']:>13.1f}{row['infer_first']:>13.1f}"
-                f"{row['rss_infer']:>14.0f}{row['rss_train']:>14.0f}"
+                f"{row['train_first']:>13.1f}{compile_txt:>11}"
+                f"{row['infer_first']:>13.1f}{row['rss_infer']:>14.0f}{row['rss_train']:>14.0f}"
                 f"{(f'{gflops:.1f}' if gflops else '-'):>9}{row['load']:>6.1f}"
             )
     ratios = ["", "ratios (this codebase / peer; > 1 = faster):"]
