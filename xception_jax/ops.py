@@ -485,7 +485,7 @@ def _max_pool_lax(x, window, strides, pads):
 # took 4-6x longer on Xception's pools (benchmarks/ops.py).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _max_pool_taps_vjp(x, window, strides, pads, in_hw):
-    # Undifferentiated (inference), the max over the taps alone: one fused loop, 1.2-2x faster
+    # Undifferentiated (inference), the max over the taps alone: one fused loop, 1.1-2x faster
     # than XLA CPU's reduce_window on Xception's pools (benchmarks/ops.py).
     return _max_pool_taps(x, window, strides, pads, record_winner=False)[0]
 
