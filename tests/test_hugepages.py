@@ -47,7 +47,13 @@ def test_reexec_adds_the_tunable_keeps_pid_and_arguments():
 
 
 def test_opt_out_and_already_set_do_not_reexec():
-    for env in ({hugepages.OPT_OUT_VARIABLE: "0"}, {"GLIBC_TUNABLES": hugepages.TUNABLE}):
+    for env in (
+        {hugepages.OPT_OUT_VARIABLE: "0"},
+        {"GLIBC_TUNABLES": hugepages.TUNABLE},
+        {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},  # the user's choice stands...
+    ):
         starts, result = _run(env)
         assert len(starts) == 1, env
         assert result["tunables"] == env.get("GLIBC_TUNABLES"), env
+        # ...and is not reported as huge pages being on.
+        assert result["active"] == (env.get("GLIBC_TUNABLES") == hugepages.TUNABLE), env

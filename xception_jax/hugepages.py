@@ -17,7 +17,8 @@ import os
 import platform
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+_TUNABLE_NAME = "glibc.malloc.hugetlb"
+TUNABLE = f"{_TUNABLE_NAME}=1"
 OPT_OUT_VARIABLE = "XCEPTION_JAX_HUGEPAGES"  # set to 0 to keep malloc's default
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -38,19 +39,29 @@ def supported() -> bool:
         return False
 
 
+def _hugetlb_setting() -> str | None:
+    """The value ``GLIBC_TUNABLES`` gives ``glibc.malloc.hugetlb``, or None when unset."""
+    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name == _TUNABLE_NAME:
+            return value
+    return None
+
+
 def active() -> bool:
     """Whether this process was started with huge pages for malloc."""
-    return "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
+    return _hugetlb_setting() not in (None, "0")
 
 
 def reexec_with_hugepages() -> None:
     """Re-run this process's exact command line with ``TUNABLE`` added to ``GLIBC_TUNABLES``.
 
-    Does nothing when it is already set (by the user or a previous re-execution), when
-    ``XCEPTION_JAX_HUGEPAGES=0``, or where it is not supported. Call it first thing in a
+    Does nothing when the user (or a previous re-execution) set ``glibc.malloc.hugetlb`` to any
+    value, when ``XCEPTION_JAX_HUGEPAGES=0``, or where it is not supported. Call it first thing in a
     ``__main__`` block: the process image is replaced (same PID, signals and stdio).
     """
-    if active() or os.environ.get(OPT_OUT_VARIABLE, "1") == "0" or not supported():
+    opted_out = os.environ.get(OPT_OUT_VARIABLE, "1") == "0"
+    if _hugetlb_setting() is not None or opted_out or not supported():
         return
     tunables = os.environ.get("GLIBC_TUNABLES")
     env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{TUNABLE}" if tunables else TUNABLE)
