@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xception_jax import ops  # noqa: E402
@@ -89,28 +90,25 @@ def bench_layer(op: str, impl: str, case, iters: int) -> tuple[float, float]:
 
 
 def bench_model(name: str, op: str, impl: str, batch: int, size: int, iters: int) -> float:
-    """ms per SGD train step (forward, backward, update, BN stats) of a registered model."""
+    """ms per train step (``xception_jax.train.train_step``, SGD) of a registered model."""
+    import optax
+
+    from configs import default
+    from xception_jax import train
     from xception_jax.models import create_model
 
     model = create_model(name, num_classes=10, **{MODEL_FIELD[op]: impl})
-    x = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1, maxval=1)
-    y = jnp.arange(batch) % 10
-    variables = jax.jit(lambda: model.init(jax.random.key(0), x[:1]))()
-
-    @jax.jit
-    def step(params, stats):
-        def loss_fn(p):
-            logits, upd = model.apply(
-                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
-            )
-            onehot = jax.nn.one_hot(y, 10)
-            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1)), upd
-
-        grads, upd = jax.grad(loss_fn, has_aux=True)(params)
-        params = jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, params, grads)
-        return params, upd["batch_stats"]
-
-    return _time(step, variables["params"], variables["batch_stats"], iters=iters)
+    config = default.get_config()
+    config.image_size = size
+    tx = optax.sgd(0.01)
+    rng = np.random.default_rng(0)
+    batch_data = {
+        "image": jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)),
+        "label": jnp.arange(batch) % 10,
+    }
+    state = jax.jit(lambda: train.init_state(model, tx, config))()
+    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config)[0])
+    return _time(step, state, batch_data, iters=iters)
 
 
 def main() -> None:
