@@ -90,7 +90,10 @@ def _flax_runner(impl: str, size: int, batch: int, tree: str = ROOT, overrides=N
     import optax
 
     sys.path.insert(0, tree)
-    from xception_jax import models, train
+    from xception_jax import models, ops, train
+
+    # As train.py jits it; trees from before ops.compiler_options existed compile without.
+    options = ops.compiler_options() if hasattr(ops, "compiler_options") else None
 
     model = models.create_model(
         "xception", num_classes=NUM_CLASSES, depthwise_impl=impl, **(overrides or {})
@@ -114,6 +117,7 @@ def _flax_runner(impl: str, size: int, batch: int, tree: str = ROOT, overrides=N
     step_fn = jax.jit(
         lambda state, b: train.train_step(state, b, model=model, tx=tx, config=config),
         donate_argnums=0,
+        compiler_options=options,
     )
 
     @jax.jit

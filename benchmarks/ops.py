@@ -107,7 +107,10 @@ def bench_model(name: str, op: str, impl: str, batch: int, size: int, iters: int
         "label": jnp.arange(batch) % 10,
     }
     state = jax.jit(lambda: train.init_state(model, tx, config))()
-    step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config)[0])
+    step = jax.jit(
+        lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config)[0],
+        compiler_options=ops.compiler_options(),
+    )
     return _time(step, state, batch_data, iters=iters)
 
 

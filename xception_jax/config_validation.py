@@ -8,7 +8,7 @@ import os
 import jax
 import ml_collections
 
-from xception_jax import input_pipeline, models, ops
+from xception_jax import models, ops
 
 # Fields that checkpoints.load() adds to a run's config (a loaded config may be trained on).
 _DERIVED_FIELDS = ("num_classes", "class_names")
@@ -57,6 +57,8 @@ def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
 def dataset_errors(config: ml_collections.ConfigDict) -> list[str]:
     """A message when config.dataset is neither 'image_folder' nor a registered TFDS dataset."""
     import tensorflow_datasets as tfds
+
+    from xception_jax import input_pipeline  # imports TensorFlow, like tfds
 
     name = str(config.dataset)
     if name == input_pipeline.IMAGE_FOLDER:

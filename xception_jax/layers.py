@@ -28,7 +28,7 @@ Dtype = Any
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array] | None] = {
     None: None,
     "none": None,
-    "relu": nn.relu,
+    "relu": ops.relu,
     "elu": nn.elu,
 }
 

@@ -198,7 +198,7 @@ class Xception(_XceptionBase):
         self._check(x)
         feats: dict[str, jax.Array] = {}
         x = x.astype(self.dtype)
-        relu = nn.relu
+        relu = ops.relu
 
         # Stem (block 1): two valid-padded 3x3 convs.
         for i, (ch, s) in enumerate(((32, 2), (64, 1)), start=1):
@@ -234,10 +234,10 @@ class Xception(_XceptionBase):
     def _downsample_block(self, x, block: int, chs: Sequence[int], *, pre_relu: bool, train):
         """(ReLU), sep, BN, ReLU, sep, BN, maxpool 3x3/2 SAME; + shortcut conv 1x1/2 + BN."""
         shortcut = x
-        y = nn.relu(x) if pre_relu else x
+        y = ops.relu(x) if pre_relu else x
         for j, ch in enumerate(chs, start=1):
             if j > 1:
-                y = nn.relu(y)
+                y = ops.relu(y)
             y = self._sep(ch, f"block{block}_sepconv{j}")(y, train)
             y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
         y = ops.max_pool(y, 3, strides=2, padding="SAME", impl=self.pool_impl)
@@ -276,7 +276,7 @@ class XceptionAligned(_XceptionBase):
 
         for i, (ch, s) in enumerate(((32, 2), (64, 1)), start=1):
             x = self._conv(ch, s, ((1, 1), (1, 1)), f"block1_conv{i}")(x)
-            x = nn.relu(self._bn(f"block1_conv{i}_bn", train)(x))
+            x = ops.relu(self._bn(f"block1_conv{i}_bn", train)(x))
         feats["stem"] = x
 
         # (name, out channels x3, stride, start_with_relu, skip); strides become dilation
@@ -315,7 +315,7 @@ class XceptionAligned(_XceptionBase):
         pad = ((dilation, dilation), (dilation, dilation))  # symmetric (k-1)*d/2 for k=3
         for j, ch in enumerate(chs, start=1):
             if start_relu:
-                x = nn.relu(x)
+                x = ops.relu(x)
             x = self._sep(
                 ch,
                 f"{name}_sepconv{j}",
@@ -327,7 +327,7 @@ class XceptionAligned(_XceptionBase):
             )(x, train)
             x = self._bn(f"{name}_sepconv{j}_bn", train)(x)
             if not start_relu:
-                x = nn.relu(x)
+                x = ops.relu(x)
         if not (skip and self.residual):
             return x
         if self._ch(chs[-1]) != shortcut.shape[-1] or stride != 1:

@@ -16,13 +16,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
 from xception_jax import (
     checkpoints,
     config_validation,
-    input_pipeline,
     models,
+    ops,
     optim,
     preemption,
     pretrained,
@@ -155,6 +154,8 @@ def eval_step(params, batch_stats, batch, *, model) -> dict:
 
 def evaluate(p_eval_step, params, batch_stats, config, mesh) -> dict:
     """Loss, top-1 and top-5 accuracy over the whole eval split (each example counted once)."""
+    from xception_jax import input_pipeline  # TensorFlow: imported where data is read
+
     totals = None
     for batch in input_pipeline.eval_iterator(config):
         sums = p_eval_step(params, batch_stats, input_pipeline.to_global_batch(batch, mesh))
@@ -168,6 +169,8 @@ class MetricsLog:
     """Process 0's `metrics.jsonl`, TensorBoard events and progress lines."""
 
     def __init__(self, workdir: str, start_step: int):
+        from clu import metric_writers  # imports TensorFlow (for its summary writer)
+
         self.is_writer = jax.process_index() == 0
         self.path = os.path.join(workdir, METRICS_FILE)
         self.writer = metric_writers.create_default_writer(
@@ -262,6 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     Returns the final TrainState (replicated over the mesh).
     """
+    from xception_jax import input_pipeline  # TensorFlow: imported where data is read
+
     # Config errors first (nothing read, written or compiled yet), then the dataset.
     config_validation.validate(config, None, workdir, num_devices=len(devices or jax.devices()))
     enable_compilation_cache(config)
@@ -308,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         functools.partial(train_step, model=model, tx=tx, config=config),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=ops.compiler_options(),
     )
     p_eval_step = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
     batches = batch_source = input_pipeline.prefetch_to_device(
