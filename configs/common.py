@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.residual = True
     config.model.intermediate_activation = "none"  # 'none' | 'relu' | 'elu' (paper Fig. 10).
     config.model.dropout_rate = 0.0
-    config.model.remat = False  # Recompute sepconvs' inner activations (no CPU gain measured).
+    config.model.remat = False  # Recompute sepconvs' inner activations: less memory, 4-6% slower.
     # Op implementations (xception_jax.ops.IMPLS; all equal in value): 'auto' is the backend's
     # fastest measured. E.g. 'lax' everywhere for XLA's own ops, or 'taps_vjp' to try on GPU.
     config.model.depthwise_impl = "auto"  # 'taps_vjp' | 'taps' | 'lax'
