@@ -25,6 +25,10 @@ a reference form (``'lax'``: ``conv_general_dilated`` / ``reduce_window``) and a
 hand-written backward: ``'im2col'`` (patches times the flattened kernel, one matmul per
 direction) and ``'taps_vjp'`` (the first maximal tap of each window kept as an int8 index, its
 cotangent placed back by one fused loop). ``DEFAULT_IMPLS`` picks per backend and op.
+
+``relu`` is ``jax.nn.relu`` with its derivative mask taken from the output. The backward
+passes keep only what they read, behind optimisation barriers, which XLA CPU honours when the
+step is jitted with ``compiler_options()`` (as train.py does): the train step's memory.
 """
 
 from __future__ import annotations
