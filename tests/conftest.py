@@ -3,10 +3,14 @@ not use the data fixtures do not pay for it."""
 
 import io
 import os
+import random
+import socket
+import sys
 import tarfile
 import tempfile
 import types
 
+import gcs
 import numpy as np
 import pytest
 
@@ -16,8 +20,44 @@ import pytest
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# libtpu (a test requirement, for ahead-of-time TPU compilation) must not probe for TPUs here.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="xj_jax_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# --------------------------------------------------------------------------------------------
+# Cloud storage: every client goes to the emulator on loopback, never to the metadata server
+# --------------------------------------------------------------------------------------------
+
+# Storage clients already loaded when the variables below were set (test_gcs checks: none).
+STORAGE_CLIENTS = ("tensorflow", "tensorstore", "google.auth", "google.cloud.storage")
+CLIENTS_LOADED_BEFORE_ENV = [m for m in STORAGE_CLIENTS if m in sys.modules]
+
+
+def _reserved_port() -> int:
+    """A free port below Linux's ephemeral range (32768+), where procs.free_port() and the
+    kernel's outgoing connections never land: the emulator can start later on it."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+GCS_PORTS = (_reserved_port(), _reserved_port())
+GCS_DIR = tempfile.mkdtemp(prefix="xj_gcs_")
+os.environ.update(gcs.client_env(*GCS_PORTS, os.path.join(GCS_DIR, "ca.pem")))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """fake-gcs-server + the TLS proxy for TensorFlow, on the ports the environment names."""
+    emulator = gcs.Emulator(*GCS_PORTS, os.path.join(GCS_DIR, "ca.pem"), GCS_DIR)
+    yield emulator
+    emulator.stop()
 
 # --------------------------------------------------------------------------------------------
 # Data (owner: data engineer)

@@ -10,7 +10,6 @@ optimizer state (orbax cannot restore a subset of one item):
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -18,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from xception_jax import storage
 
 LAYOUT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -29,8 +30,8 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    """Where a workdir keeps its checkpoints."""
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    """Where a workdir (local or gs://) keeps its checkpoints: an absolute path or a URL."""
+    return storage.join(storage.abspath(workdir), CHECKPOINT_DIR)
 
 
 def create_manager(
@@ -213,18 +214,20 @@ UNREADABLE_DIR = "unreadable_checkpoints"
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Moves unreadable checkpoints out of orbax's directory (kept for inspection, not deleted).
 
-    Left in place, the resumed run's save of the same step would collide with them.
+    Left in place, the resumed run's save of the same step would collide with them. On gs://
+    the move copies every file before deleting any (storage.move_tree).
     """
     if not steps:
         return
     if jax.process_index() == 0:
-        root = os.path.join(os.path.dirname(str(manager.directory)), UNREADABLE_DIR)
-        os.makedirs(root, exist_ok=True)
+        directory = str(manager.directory)
+        root = storage.join(storage.dirname(directory), UNREADABLE_DIR)
+        storage.makedirs(root)
         for step in steps:
-            target = os.path.join(root, str(step))
-            while os.path.exists(target):
+            target = storage.join(root, str(step))
+            while storage.exists(target):
                 target += "_"
-            os.replace(os.path.join(str(manager.directory), str(step)), target)
+            storage.move_tree(storage.join(directory, str(step)), target)
             logging.warning("Moved unreadable checkpoint %d to %s.", step, target)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("xception_jax_set_aside_unreadable_checkpoints")
@@ -242,7 +245,7 @@ def restore_latest(manager: ocp.CheckpointManager, state):
     steps = sorted(manager.all_steps(), reverse=True)
     skipped = []
     for step in steps:
-        path = os.path.join(str(manager.directory), str(step))
+        path = storage.join(str(manager.directory), str(step))
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             manager.item_metadata(step)
@@ -283,8 +286,9 @@ def _warn_unreadable(path: str, error: Exception, skipped: list, steps: list) ->
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes the resolved config as `workdir/config.json` (process 0 only)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        storage.write_atomic(
+            storage.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True)
+        )
 
 
 def load(workdir: str, step: int | None = None, ema: bool = False):
@@ -294,7 +298,7 @@ def load(workdir: str, step: int | None = None, ema: bool = False):
     process count wrote the checkpoint: arrays land on the first local device.
 
     Args:
-      workdir: a training workdir (holding `checkpoints/`).
+      workdir: a training workdir (holding `checkpoints/`), local or gs://.
       step: checkpoint step; the newest when None.
       ema: return the Polyak-averaged parameters as `params` (when the run kept them).
 
@@ -305,6 +309,7 @@ def load(workdir: str, step: int | None = None, ema: bool = False):
     """
     from xception_jax import train  # Imports this module: keep the import local.
 
+    storage.check_supported(workdir, "workdir")
     manager = create_manager(workdir, max_to_keep=None, read_only=True)
     steps = manager.all_steps()
     if not steps:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import difflib
-import os
 
 import jax
 import ml_collections
 
-from xception_jax import models, ops
+from xception_jax import models, ops, storage
+
+# Config fields that name a file or directory (local or gs://).
+PATH_FIELDS = (
+    "data_dir",
+    "manual_dir",
+    "image_folder",
+    "init_from_keras",
+    "init_from_workdir",
+    "compilation_cache_dir",
+)
 
 # Fields that checkpoints.load() adds to a run's config (a loaded config may be trained on).
 _DERIVED_FIELDS = ("num_classes", "class_names")
@@ -100,7 +109,10 @@ def validate(
     device). Nothing here compiles or writes anything.
     """
     errors = unknown_fields(config)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    unsupported = path_errors(config, workdir)
+    if unsupported:  # Nothing below may touch a path that no part of a run can use.
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors + unsupported))
+    if storage.exists(workdir) and not storage.isdir(workdir):
         errors.append(f"--workdir {workdir} is a file; give a directory (it is created if absent).")
     try:
         model = models.create_model(
@@ -147,6 +159,19 @@ def validate(
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
 
 
+def path_errors(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:
+    """Messages for the workdir and path fields whose scheme is neither local nor gs://."""
+    named = [("--workdir", workdir)] + [(f"config.{f}", config.get(f)) for f in PATH_FIELDS]
+    errors = []
+    for what, value in named:
+        try:
+            if value:
+                storage.check_supported(value, what)
+        except storage.UnsupportedPathError as e:
+            errors.append(str(e))
+    return errors
+
+
 def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
     """Fine-tuning fields: a source that exists, and no frozen backbone without one."""
     keras_file, workdir = config.get("init_from_keras"), config.get("init_from_workdir")
@@ -154,7 +179,7 @@ def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
     if keras_file and workdir:
         errors.append("Set only one of config.init_from_keras and config.init_from_workdir.")
     for field, path in (("init_from_keras", keras_file), ("init_from_workdir", workdir)):
-        if path and not os.path.exists(path):
+        if path and not storage.exists(path):
             errors.append(f"config.{field}={path!r} does not exist.")
     if config.get("freeze_backbone_steps", 0) > 0 and not (keras_file or workdir):
         errors.append(

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import sys
 
 import numpy as np
 from flax import traverse_util
+
+from xception_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -53,18 +56,18 @@ class Group:
 
 
 def load_run(workdir: str) -> Run:
-    """Reads a workdir's metrics.jsonl (required) and config.json (optional: empty config)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    """Reads a workdir's (local or gs://) metrics.jsonl (required) and config.json (optional:
+    empty config)."""
+    path = storage.join(workdir, METRICS_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{workdir} has no {METRICS_FILE}: is it a training workdir?")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     config = {}
-    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-        with open(os.path.join(workdir, CONFIG_FILE)) as f:
-            flat = traverse_util.flatten_dict(json.load(f), sep=".")
-            config = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
-    return Run(os.path.normpath(workdir), config, records)
+    config_path = storage.join(workdir, CONFIG_FILE)
+    if storage.exists(config_path):
+        flat = traverse_util.flatten_dict(json.loads(storage.read_text(config_path)), sep=".")
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
+    return Run(storage.normpath(workdir), config, records)
 
 
 def _short_names(fields: list[str]) -> dict[str, str]:
@@ -104,7 +107,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         if differing:
             label = ", ".join(f"{names[k]}={_fmt(group[0].config.get(k))}" for k in differing)
         else:
-            label = os.path.commonpath([r.workdir for r in group]) or group[0].workdir
+            label = storage.commonpath([r.workdir for r in group]) or group[0].workdir
         result.append(Group(label, group))
     return result
 
@@ -219,12 +222,14 @@ def table(groups: list[Group], digits: int = 4) -> str:
 
 
 def save(fig, out: str) -> list[str]:
-    """Writes `out` (PNG) and the same name with .svg; returns the paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    """Writes `out` (PNG, local or gs://) and the same name with .svg; returns the paths."""
+    storage.makedirs(storage.dirname(out))
     base, _ = os.path.splitext(out)
     paths = [out, base + ".svg"]
-    fig.savefig(paths[0], dpi=90)
-    fig.savefig(paths[1])
+    for path, kwargs in zip(paths, ({"dpi": 90, "format": "png"}, {"format": "svg"}), strict=True):
+        image = io.BytesIO()
+        fig.savefig(image, **kwargs)
+        storage.write_atomic(path, image.getvalue())
     return paths
 
 
@@ -234,20 +239,26 @@ def main(argv=None) -> None:
 
     matplotlib.use("Agg")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workdirs", nargs="+", help="Training workdirs (with metrics.jsonl).")
-    parser.add_argument("--out", required=True, help="PNG to write (an .svg is written too).")
+    parser.add_argument(
+        "workdirs", nargs="+", help="Training workdirs (with metrics.jsonl), local or gs://."
+    )
+    parser.add_argument(
+        "--out", required=True, help="PNG to write, local or gs:// (an .svg is written too)."
+    )
     parser.add_argument("--log_loss", action="store_true", help="Log-scale train loss axes.")
     parser.add_argument("--table", help="Also write the markdown table to this file.")
     parser.add_argument("--title", help="Figure title.")
     args = parser.parse_args(argv)
+    for what, value in (("--out", args.out), ("--table", args.table)):
+        if value:
+            storage.check_supported(value, what)  # Before reading anything.
     groups = group_runs([load_run(w) for w in args.workdirs])
     fig = plot(groups, log_loss=args.log_loss, title=args.title)
     paths = save(fig, args.out)
     md = table(groups)
     print(md)
     if args.table:
-        with open(args.table, "w") as f:
-            f.write(md)
+        storage.write_atomic(args.table, md)
         paths.append(args.table)
     print("Wrote " + ", ".join(paths), file=sys.stderr)
 

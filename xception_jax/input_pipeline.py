@@ -36,6 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import xception_jax.datasets  # noqa: F401  (registers 'sklearn_digits' with TFDS)
+from xception_jax import storage
 
 # TF must not reserve accelerator memory: JAX owns the devices. (A no-op with tensorflow-cpu.)
 try:
@@ -108,23 +109,27 @@ def prepare_dataset(name, data_dir=None, manual_dir=None, *, num_shards=None):
 
     imagenet2012 is prepared from the two tars in `manual_dir` (checked first, with an error that
     says exactly which files to put where). Datasets are written as TFRecord (tf.data cannot read
-    ArrayRecord). The embedded default 'sklearn_digits' needs no network.
+    ArrayRecord). The embedded default 'sklearn_digits' needs no network. Both directories may
+    be local or gs://.
     """
-    data_dir = os.path.expanduser(data_dir) if data_dir else None
+    data_dir = os.fspath(storage.path(data_dir, "config.data_dir")) if data_dir else None
     builder = tfds.builder(name, data_dir=data_dir, file_format="tfrecord")
     if builder.is_prepared():
         return builder
     # TFDS's own default when no manual_dir is given.
-    manual = os.path.expanduser(
-        manual_dir or os.path.join(builder.data_dir_root, "downloads", "manual")
+    manual = os.fspath(
+        storage.path(
+            manual_dir or storage.join(builder.data_dir_root, "downloads", "manual"),
+            "config.manual_dir",
+        )
     )
     if name.split(":")[0].split("/")[0] == "imagenet2012":
-        missing = [f for f in _IMAGENET_TARS if not os.path.exists(os.path.join(manual, f))]
+        missing = [f for f in _IMAGENET_TARS if not storage.exists(storage.join(manual, f))]
         if missing:
             raise FileNotFoundError(
                 "imagenet2012 is not prepared in "
                 f"{builder.data_dir} and its manual download is missing: put "
-                + " and ".join(os.path.join(manual, f) for f in missing)
+                + " and ".join(storage.join(manual, f) for f in missing)
                 + " (the unmodified tars from https://image-net.org/download-images; "
                 "ILSVRC2012_img_train.tar holds one tar per synset, e.g. n01440764.tar), "
                 "or set config.manual_dir to the directory that holds them. Then run "
@@ -226,9 +231,10 @@ def _tfds_source(config, split, process_index, process_count):
 
 
 def _folder_root(config):
-    """config.image_folder, checked to exist."""
-    root = os.path.expanduser(_get(config, "image_folder", ""))
-    if not root or not os.path.isdir(root):
+    """config.image_folder (local or gs://), checked to exist."""
+    root = _get(config, "image_folder", "")
+    root = os.fspath(storage.path(root, "config.image_folder")) if root else ""
+    if not root or not storage.isdir(root):
         raise FileNotFoundError(
             f"config.dataset='image_folder' needs config.image_folder to name a directory laid "
             f"out as <root>/<split>/<class name>/<image>; got {root!r}."
@@ -238,31 +244,27 @@ def _folder_root(config):
 
 def _folder_classes(root):
     """Sorted union of the class subdirectories of every split directory under root."""
-    names = set()
-    for split in os.listdir(root):
-        split_dir = os.path.join(root, split)
-        if os.path.isdir(split_dir):
-            names.update(d for d in os.listdir(split_dir) if os.path.isdir(f"{split_dir}/{d}"))
-    return tuple(sorted(names))
+    splits = storage.subdirs(root)
+    return tuple(sorted({c for s in splits for c in storage.subdirs(storage.join(root, s))}))
 
 
 def _folder_files(root, split, class_names):
     """Sorted (paths, labels) of the images of one split of an image folder."""
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    split_dir = storage.join(root, split)
+    if not storage.isdir(split_dir):
+        present = sorted(storage.subdirs(root))
         raise FileNotFoundError(
             f"image folder split {split!r} not found: expected the directory {split_dir} "
             f"(<root>/<split>/<class name>/<image>); splits present: {present}."
         )
     paths, labels = [], []
     for label, name in enumerate(class_names):
-        class_dir = os.path.join(split_dir, name)
-        if not os.path.isdir(class_dir):
+        class_dir = storage.join(split_dir, name)
+        if not storage.isdir(class_dir):
             continue
-        for fname in sorted(os.listdir(class_dir)):
+        for fname in sorted(storage.listdir(class_dir)):
             if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
-                paths.append(os.path.join(class_dir, fname))
+                paths.append(storage.join(class_dir, fname))
                 labels.append(label)
     if not paths:
         raise FileNotFoundError(
@@ -313,7 +315,7 @@ def _resolve_eval_split(config):
         return eval_split
     if config.dataset == IMAGE_FOLDER:
         root = _folder_root(config)
-        return _default_eval_split(os.listdir(root))
+        return _default_eval_split(storage.subdirs(root))
     return _default_eval_split(_tfds_builder(config).info.splits.keys())
 
 

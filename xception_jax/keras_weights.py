@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xception_jax import storage
 from xception_jax.models import Xception
 
 _BN_ORDER = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -104,9 +105,12 @@ def _read_keras3(root: h5py.Group) -> list[_Layer]:
 
 
 def read_layers(path: str) -> list[_Layer]:
-    """Read the weight-carrying layers of a Keras weight file (either layout), in file order."""
+    """Read the weight-carrying layers of a Keras weight file (either layout), in file order.
+
+    `path`: local or gs://.
+    """
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(storage.for_library(path), "r")
     except OSError as e:
         raise ValueError(
             f"Cannot open {path!r} as HDF5 ({e}); is it a Keras .h5 weight file?"

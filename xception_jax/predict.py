@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xception_jax import models
+from xception_jax import models, storage
 
 KERAS_IMAGE_SIZE = 299
 
@@ -53,12 +53,12 @@ def imagenet_class_names() -> tuple[str, ...]:
 
 
 def _encoded(item) -> bytes:
-    """Encoded image bytes of a path, bytes, or a uint8 array [H, W, 3] (encoded as PNG)."""
+    """Encoded image bytes of a path (local or gs://), bytes, or a uint8 array [H, W, 3] (encoded
+    as PNG)."""
     if isinstance(item, bytes):
         return item
     if isinstance(item, (str, os.PathLike)):
-        with open(item, "rb") as f:
-            return f.read()
+        return storage.read_bytes(item)
     import tensorflow as tf
 
     array = np.asarray(item)
@@ -113,7 +113,8 @@ def predict(
     """Top-k (label, probability) per image, most probable first.
 
     Args:
-      images_or_paths: image file paths, encoded image bytes, or uint8 arrays [H, W, 3].
+      images_or_paths: image file paths (local or gs://), encoded image bytes, or uint8 arrays
+        [H, W, 3].
       model, variables: e.g. from `checkpoints.load(workdir)` or `keras_weights.load_model`.
       class_names: a name per class (None: the class index as text).
       image_size: the input size the model was trained at (config.image_size; 299 for Keras).
@@ -141,14 +142,13 @@ def eval_examples(config, num: int) -> tuple[list[bytes], list[int]]:
 
     split = config.get("eval_split") or "test"
     if config.dataset == input_pipeline.IMAGE_FOLDER:
-        root = os.path.join(config.image_folder, split)
-        names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        names = list(config.get("class_names") or names)
+        root = storage.join(config.image_folder, split)
+        classes = sorted(storage.subdirs(root))
+        names = list(config.get("class_names") or classes)
         pairs = sorted(
-            (os.path.join(root, c, f), names.index(c))
-            for c in os.listdir(root)
-            if os.path.isdir(os.path.join(root, c))
-            for f in os.listdir(os.path.join(root, c))
+            (storage.join(root, c, f), names.index(c))
+            for c in classes
+            for f in storage.listdir(storage.join(root, c))
             if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS)
         )[:num]
         return [_encoded(p) for p, _ in pairs], [label for _, label in pairs]

@@ -22,15 +22,13 @@ everything trains as usual, BatchNorm in training mode.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from xception_jax import optim
+from xception_jax import optim, storage
 
 
 def requested(config: ml_collections.ConfigDict) -> bool:
@@ -47,7 +45,7 @@ def source_of(config: ml_collections.ConfigDict) -> str:
             f"{keras_file!r}, {workdir!r})."
         )
     path = keras_file or workdir
-    if not os.path.exists(path):
+    if not storage.exists(path):
         field = "init_from_keras" if keras_file else "init_from_workdir"
         raise FileNotFoundError(f"config.{field}={path!r} does not exist.")
     return f"Keras file {keras_file}" if keras_file else f"workdir {workdir}"

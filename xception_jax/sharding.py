@@ -13,6 +13,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from xception_jax import storage
+
 DATA_AXIS = "data"
 
 
@@ -131,28 +133,25 @@ def check_shared_workdir(workdir: str) -> None:
     if jax.process_count() == 1:
         return
     barrier("xception_jax_check_shared_workdir")  # Start the collectives below together.
-    path = os.path.join(workdir, WORKDIR_TOKEN)
+    path = storage.join(workdir, WORKDIR_TOKEN)
     nonce = np.zeros(4, np.int32)
     if jax.process_index() == 0:
         nonce = np.frombuffer(secrets.token_bytes(16), np.int32).copy()
-        with open(path + ".tmp", "w") as f:
-            f.write(nonce.tobytes().hex())
-        os.replace(path + ".tmp", path)
+        storage.write_atomic(path, nonce.tobytes().hex())
     # Also a barrier: no process gets the nonce before process 0 has written the file.
     expected = np.asarray(multihost_utils.broadcast_one_to_all(nonce)).tobytes().hex()
     try:
-        with open(path) as f:
-            seen = f.read().strip() == expected
+        seen = storage.read_text(path).strip() == expected
     except OSError:
         seen = False
     seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
     if jax.process_index() == 0:
-        os.remove(path)
+        storage.remove(path)
     missing = [i for i, ok in enumerate(seen_by) if not ok]
     if missing:
         raise DistributedSetupError(
             f"Process(es) {missing} do not see the workdir that process 0 writes "
-            f"({os.path.abspath(workdir)}): the token file {WORKDIR_TOKEN} process 0 wrote there "
+            f"({storage.abspath(workdir)}): the token file {WORKDIR_TOKEN} process 0 wrote there "
             "is missing or different. --workdir must be one directory shared by every host "
             "(e.g. NFS or a gs:// bucket), or checkpoints would be split across hosts."
         )

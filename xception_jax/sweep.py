@@ -26,6 +26,8 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
+from xception_jax import storage
+
 # name -> list of (variant name, {dotted config field: value}).
 SWEEPS: dict[str, list[tuple[str, dict]]] = {
     # The paper's Figure 9: with and without residual connections.
@@ -48,7 +50,9 @@ TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Base experiment config file.")
 flags.DEFINE_string("sweep", "residual", f"Named set of variants: one of {sorted(SWEEPS)}.")
-flags.DEFINE_string("sweep_dir", None, "Directory that receives one workdir per run.")
+flags.DEFINE_string(
+    "sweep_dir", None, "Directory (local or gs://) that receives one workdir per run."
+)
 flags.DEFINE_integer("seeds", 1, "Runs per variant, with config.seed + 0, 1, ...")
 flags.DEFINE_bool("dry_run", False, "Print the commands and stop.")
 
@@ -83,7 +87,7 @@ def plan(sweep: str, sweep_dir: str, seeds: int, base_seed: int) -> list[dict]:
             runs.append(
                 {
                     "name": f"{name}/seed{k}",
-                    "workdir": os.path.join(sweep_dir, name, f"seed{k}"),
+                    "workdir": storage.join(sweep_dir, name, f"seed{k}"),
                     "fields": {**fields, "seed": base_seed + k},
                 }
             )
@@ -116,11 +120,10 @@ def resolved_config(config, fields: dict):
 
 def status(config, workdir: str) -> str:
     """'new', 'partial' or 'done' for a run's workdir; raises if it holds another config."""
-    config_file = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_file):
+    config_file = storage.join(workdir, "config.json")
+    if not storage.exists(config_file):
         return "new"
-    with open(config_file) as f:
-        have = traverse_util.flatten_dict(json.load(f), sep=".")
+    have = traverse_util.flatten_dict(json.loads(storage.read_text(config_file)), sep=".")
     want = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     # Fields only one side has come from another code version (a field added since): ignored.
     differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
@@ -136,22 +139,33 @@ def status(config, workdir: str) -> str:
 
         info = input_pipeline.get_dataset_info(config)
         num_steps = optim.total_steps(config, info.num_train_examples)
-    done = os.path.isdir(os.path.join(workdir, "checkpoints", str(num_steps)))
+    done = storage.isdir(storage.join(workdir, "checkpoints", str(num_steps)))
     return "done" if done else "partial"
 
 
-def run_one(argv: list[str], workdir: str) -> int:
-    """Runs one training command, echoing its output and keeping it in `workdir/train.log`."""
-    os.makedirs(workdir, exist_ok=True)
+def run_one(argv: list[str], workdir: str, flush_every_s: float = 10.0) -> int:
+    """Runs one training command, echoing its output and keeping it in `workdir/train.log`.
+
+    The log is written every `flush_every_s` seconds and at the end (on gs:// each write
+    uploads the whole log: storage.LineFile).
+    """
+    storage.makedirs(workdir)
+    log = storage.LineFile(storage.join(workdir, "train.log"))
     argv = [sys.executable, *argv[1:]]  # The printed 'python' is this interpreter.
-    with open(os.path.join(workdir, "train.log"), "a") as log:
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    pending, last_flush = [], time.monotonic()
+    try:
         for line in proc.stdout:
             sys.stdout.write(line)
-            log.write(line)
+            pending.append(line.rstrip("\n"))
+            if time.monotonic() - last_flush > flush_every_s:
+                log.append(pending)
+                pending, last_flush = [], time.monotonic()
         return proc.wait()
+    finally:
+        log.append(pending)
 
 
 def run_sweep(
@@ -206,6 +220,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.sweep_dir:
         raise app.UsageError("--sweep_dir is required (e.g. --sweep_dir runs/sweep_residual).")
+    try:
+        storage.check_supported(FLAGS.sweep_dir, "--sweep_dir")
+    except storage.UnsupportedPathError as e:
+        raise app.UsageError(str(e)) from None
     config_file = config_flags.get_config_filename(FLAGS["config"])
     results = run_sweep(
         FLAGS.config,

@@ -26,6 +26,7 @@ from xception_jax import (
     preemption,
     pretrained,
     sharding,
+    storage,
 )
 
 METRICS_FILE = "metrics.jsonl"
@@ -166,13 +167,17 @@ def evaluate(p_eval_step, params, batch_stats, config, mesh) -> dict:
 
 
 class MetricsLog:
-    """Process 0's `metrics.jsonl`, TensorBoard events and progress lines."""
+    """Process 0's `metrics.jsonl`, TensorBoard events and progress lines.
+
+    On gs:// metrics.jsonl is uploaded whole at each write (storage.LineFile): a killed run
+    loses at most the record being written, never an older one.
+    """
 
     def __init__(self, workdir: str, start_step: int):
         from clu import metric_writers  # imports TensorFlow (for its summary writer)
 
         self.is_writer = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.file = storage.LineFile(storage.join(workdir, METRICS_FILE))
         self.writer = metric_writers.create_default_writer(
             workdir, just_logging=not self.is_writer, asynchronous=False
         )
@@ -184,13 +189,16 @@ class MetricsLog:
 
         Returns the training wall time already spent, so curves against time stay continuous.
         """
-        if not os.path.exists(self.path):
-            return 0.0
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in self.file.read() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # A local append cut short by a kill: the last line.
+                logging.warning("Dropped unreadable line %d of %s: %r", i + 1, self.file.path, line)
         kept = [r for r in records if r["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        if len(kept) < len(lines):
+            self.file.rewrite([json.dumps(r) for r in kept])
         return kept[-1].get("wall_time", 0.0) if kept else 0.0
 
     def wall_time(self) -> float:
@@ -202,8 +210,7 @@ class MetricsLog:
         if not self.is_writer:
             return
         record = {"step": step, "wall_time": round(self.wall_time(), 3), **record}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.file.append([json.dumps(record)])
         self.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
 
     def close(self) -> None:
@@ -249,8 +256,9 @@ def enable_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
     path = config.get("compilation_cache_dir", "")
     if not path:
         return None
-    path = os.path.expanduser(path)
-    os.makedirs(path, exist_ok=True)
+    directory = storage.path(path, "config.compilation_cache_dir")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = os.fspath(directory)
     jax.config.update("jax_compilation_cache_dir", path)
     return path
 
@@ -272,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     enable_compilation_cache(config)
     info = input_pipeline.get_dataset_info(config)
     config_validation.check_num_classes(config, info)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     sharding.check_shared_workdir(workdir)
     mesh = sharding.create_mesh(devices)
     replicated = sharding.replicated(mesh)

@@ -1,0 +1,425 @@
+"""Everything on gs://, against a real GCS emulator on loopback (tests/gcs.py).
+
+The workdir and the TFDS data_dir live in the emulator's bucket; `python train.py`, the tools
+and the notebook functions run as users run them. Each case checks the result against the same
+thing done locally, or what the user sees.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import conftest
+import gcs
+import jax
+import numpy as np
+import procs
+import pytest
+from test_train import read_metrics, small_config
+
+from xception_jax import checkpoints, curves, predict, storage, train
+
+TIMEOUT = 300  # Seconds per process, far above what a run takes on 2 loaded cores.
+STEPS = 8
+# Fields that measure the machine, not the run.
+TIMING = {"wall_time", "steps_per_sec", "images_per_sec"}
+
+
+def one_device():
+    return jax.devices()[:1]
+
+
+def gs_dir(name: str) -> str:
+    """A fresh gs:// directory in the test bucket."""
+    return f"gs://{gcs.BUCKET}/{uuid.uuid4().hex[:8]}/{name}"
+
+
+def main_job_args(workdir, data_dir, **overrides):
+    """The main job's command line (configs/default.py), shortened to STEPS steps."""
+    fields = {
+        "data_dir": data_dir,
+        "num_train_steps": STEPS,
+        "log_every_steps": 2,
+        "checkpoint_every_steps": 2,
+        "eval_every_steps": 4,
+        **overrides,
+    }
+    return [
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in fields.items()),
+    ]
+
+
+def read_gs_metrics(workdir):
+    return [json.loads(line) for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def assert_bitwise_equal(a, b):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path)
+        )
+
+
+@pytest.fixture
+def pool(tmp_path):
+    p = procs.ProcessPool(tmp_path)
+    yield p
+    p.close()
+
+
+def run_module(args, cwd=procs.REPO, timeout=TIMEOUT):
+    """`python -m <args>` with the test environment (one CPU device); the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=procs.env_with_devices(1),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def gs_data_dir(gcs_emulator):
+    """sklearn_digits prepared into a gs:// data_dir by the README's command."""
+    data_dir = gs_dir("tfds")
+    done = run_module(
+        ["xception_jax.prepare_data", "--dataset", "sklearn_digits", "--data_dir", data_dir]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sklearn_digits ready in gs://" in done.stdout
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def main_job_runs(gs_data_dir, digits_data_dir, tmp_path_factory):
+    """The main job (STEPS steps) on gs:// (workdir and data) and locally, side by side.
+
+    Returns (gs workdir, local workdir).
+    """
+    tmp = tmp_path_factory.mktemp("gs_main_job")
+    pool = procs.ProcessPool(tmp)
+    try:
+        gs_workdir, local_workdir = gs_dir("main"), str(tmp / "local")
+        on_gs = pool.start(main_job_args(gs_workdir, gs_data_dir), "gs")
+        local = pool.start(main_job_args(local_workdir, digits_data_dir), "local")
+        for proc in (on_gs, local):
+            assert proc.wait(TIMEOUT) == 0, proc.log()[-4000:]
+        return gs_workdir, local_workdir
+    finally:
+        pool.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The emulator and the clients
+# --------------------------------------------------------------------------------------------
+
+
+def test_clients_are_kept_off_the_metadata_server_from_the_start():
+    # Set by conftest before any storage client was imported, inherited by every subprocess.
+    assert conftest.CLIENTS_LOADED_BEFORE_ENV == []
+    for name, value in gcs.NO_METADATA_SERVER.items():
+        assert os.environ[name] == value, name
+    for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"):
+        assert os.environ[name].startswith("127.0.0.1:")
+    for name in ("TENSORSTORE_GCS_HTTP_URL", "STORAGE_EMULATOR_HOST", "https_proxy"):
+        assert os.environ[name].startswith("http://127.0.0.1:"), name
+    assert "127.0.0.1" in os.environ["no_proxy"]
+
+
+def test_storage_functions_on_gs_and_locally(gcs_emulator, tmp_path):
+    for root in (gs_dir("unit"), str(tmp_path / "unit")):
+        storage.makedirs(storage.join(root, "a", "b"))
+        storage.write_atomic(storage.join(root, "a", "b", "f.txt"), "one")
+        storage.write_atomic(storage.join(root, "a", "b", "f.txt"), "two")
+        storage.write_atomic(storage.join(root, "a", "g.bin"), b"\x00\x01")
+        assert storage.read_text(storage.join(root, "a", "b", "f.txt")) == "two"
+        assert storage.read_bytes(storage.join(root, "a", "g.bin")) == b"\x00\x01"
+        assert storage.isdir(storage.join(root, "a")) and not storage.exists(f"{root}/zz")
+        assert sorted(storage.listdir(storage.join(root, "a"))) == ["b", "g.bin"]
+        assert storage.subdirs(storage.join(root, "a")) == ["b"]
+        assert storage.dirname(storage.join(root, "a", "g.bin")) == storage.abspath(f"{root}/a")
+
+        log = storage.LineFile(storage.join(root, "log.jsonl"))
+        assert log.read() == []
+        log.append(["1", "2"])
+        log.append(["3"])
+        assert storage.LineFile(log.path).read() == ["1", "2", "3"]
+        log.rewrite(["1"])
+        log.append(["4"])
+        assert storage.LineFile(log.path).read() == ["1", "4"]
+
+        storage.move_tree(storage.join(root, "a"), storage.join(root, "moved"))
+        assert not storage.exists(storage.join(root, "a", "b", "f.txt"))
+        assert storage.read_text(storage.join(root, "moved", "b", "f.txt")) == "two"
+        assert storage.read_bytes(storage.join(root, "moved", "g.bin")) == b"\x00\x01"
+    assert storage.normpath("gs://b/x//y/../z/") == "gs://b/x/z"
+    assert storage.commonpath(["gs://b/x/s0", "gs://b/x/s1"]) == "gs://b/x"
+    assert storage.abspath("runs/x") == os.path.abspath("runs/x")
+
+
+# --------------------------------------------------------------------------------------------
+# train.py on gs://
+# --------------------------------------------------------------------------------------------
+
+
+def test_main_job_on_gs_equals_the_same_run_locally(main_job_runs, gcs_emulator):
+    gs_workdir, local_workdir = main_job_runs
+    on_gs, local = read_gs_metrics(gs_workdir), read_metrics(local_workdir)
+    assert [r["step"] for r in on_gs] == [2, 4, 6, 8]
+    assert without_timing(on_gs) == without_timing(local)
+    assert on_gs[-1]["eval_accuracy"] > 0  # An eval ran, on the gs:// data.
+    # Everything at the top of the workdir, as in a local one (the shared-workdir token gone).
+    top = {n.split("/")[2]: size for n, size in gcs_emulator.objects(gs_workdir + "/").items()}
+    assert top["config.json"] > 0 and top["metrics.jsonl"] > 0
+    assert [n for n in top if n.startswith("events.out.tfevents.") and top[n] > 0]
+    assert not [n for n in top if n.startswith(".shared_workdir_check")]
+    # max_to_keep (3): checkpoints 4, 6, 8 are kept, each committed.
+    assert checkpoints.create_manager(gs_workdir, read_only=True).all_steps() == [4, 6, 8]
+
+
+def test_sigkill_mid_save_and_mid_run_then_rerun_equals_the_uninterrupted_gs_run(
+    main_job_runs, gs_data_dir, gcs_emulator, pool
+):
+    uninterrupted, _ = main_job_runs
+    workdir = gs_dir("killed")
+    args = main_job_args(workdir, gs_data_dir)
+    prefix = workdir.removeprefix(f"gs://{gcs.BUCKET}/") + "/checkpoints/"
+
+    def saving_step_4():
+        names = gcs_emulator.objects(prefix)
+        started = any(n.startswith(prefix + "4") for n in names)
+        return started and prefix + "4/commit_success.txt" not in names
+
+    def logged(step):
+        return lambda: step in [r["step"] for r in _metrics_or_empty(workdir)]
+
+    for moment, name in ((saving_step_4, "kill_mid_save"), (logged(6), "kill_mid_run")):
+        proc = pool.start(args, name)
+        procs.wait_for(moment, [proc], TIMEOUT, name, poll=0.01)
+        proc.kill_group()  # SIGKILL: no handler, no cleanup, no flush.
+    final = pool.start(args, "final")
+    assert final.wait(TIMEOUT) == 0, final.log()[-4000:]
+    assert "Resumed from checkpoint" in final.log()
+
+    resumed, expected = checkpoints.load(workdir)[1], checkpoints.load(uninterrupted)[1]
+    assert_bitwise_equal(resumed, expected)
+    assert [r["step"] for r in read_gs_metrics(workdir)] == [2, 4, 6, 8]
+    assert without_timing(read_gs_metrics(workdir)) == without_timing(
+        read_gs_metrics(uninterrupted)
+    )
+
+
+def _metrics_or_empty(workdir):
+    try:
+        return read_gs_metrics(workdir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def two_process_job(pool, workdirs, data_dir, name):
+    port = procs.free_port()
+    return [
+        pool.start(
+            [
+                "--config=configs/default.py",
+                f"--workdir={workdir}",
+                *procs.small_overrides(
+                    data_dir, num_train_steps=2, eval_every_steps=1000, checkpoint_every_steps=2
+                ),
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *procs.FAST_FAIL_FLAGS,
+            ],
+            f"{name}_{i}",
+        )
+        for i, workdir in enumerate(workdirs)
+    ]
+
+
+def test_two_processes_share_one_gs_workdir(gs_data_dir, gcs_emulator, pool):
+    workdir = gs_dir("two_processes")
+    job = two_process_job(pool, [workdir, workdir], gs_data_dir, "shared")
+    for proc in job:
+        assert proc.wait(480) == 0, proc.log()[-4000:]
+    assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
+    assert [r["step"] for r in read_gs_metrics(workdir)] == [2]
+    fingerprints = [proc.log().split("Params at step 2 fingerprint ")[1][:16] for proc in job]
+    assert fingerprints[0] == fingerprints[1]
+
+
+def test_two_processes_with_different_gs_workdirs_fail_the_shared_workdir_check(
+    gs_data_dir, gcs_emulator, pool
+):
+    job = two_process_job(pool, [gs_dir("p0"), gs_dir("p1")], gs_data_dir, "split")
+    codes = [proc.wait(TIMEOUT) for proc in job]
+    assert codes == [1, 1], [p.log()[-3000:] for p in job]
+    for proc in job:
+        assert "Process(es) [1] do not see the workdir that process 0 writes" in proc.log()
+
+
+# --------------------------------------------------------------------------------------------
+# Tools on a gs:// workdir
+# --------------------------------------------------------------------------------------------
+
+
+def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gs_data_dir, gcs_emulator, tmp_path):
+    gs_workdir, local_workdir = main_job_runs
+    # checkpoints.load, the notebook's entry point.
+    model, variables, config = checkpoints.load(gs_workdir)
+    _, local_variables, local_config = checkpoints.load(local_workdir)
+    assert_bitwise_equal(variables, local_variables)
+    assert config.class_names == local_config.class_names
+
+    # curves: gs:// workdirs in, PNG / SVG / table out to gs://.
+    out = gs_dir("curves") + "/c.png"
+    curves.main([gs_workdir, "--out", out, "--table", out.replace(".png", ".md")])
+    for suffix in (".png", ".svg", ".md"):
+        assert storage.exists(out.replace(".png", suffix)), suffix
+    assert storage.read_bytes(out).startswith(b"\x89PNG")
+    assert gs_workdir in storage.read_text(out.replace(".png", ".md"))
+
+    # predict: a gs:// workdir and a gs:// image; the same answer as from the local run.
+    encoded, _ = predict.eval_examples(config, 2)
+    image = gs_dir("images") + "/digit.png"
+    storage.write_atomic(image, encoded[0])
+    from_gs = predict.predict([image], model, variables, config.class_names, config.image_size)
+    done = run_module(["xception_jax.predict", "--workdir", gs_workdir, image, "--top_k", "1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    label, p = from_gs[0][0]
+    assert f"{p:7.4f}  {label}" in done.stdout
+
+    # sweep: a dry run, then one short run per variant (the residual ablation).
+    sweep_dir = gs_dir("sweep")
+    sweep = [
+        "xception_jax.sweep",
+        "--config=configs/default.py",
+        "--sweep=residual",
+        f"--sweep_dir={sweep_dir}",
+        *procs.small_overrides(gs_data_dir, num_train_steps=2, eval_every_steps=2),
+    ]
+    dry = run_module([*sweep, "--dry_run"])
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert f"--workdir={sweep_dir}/no_residual/seed0" in dry.stdout
+    assert not gcs_emulator.objects(sweep_dir.removeprefix(f"gs://{gcs.BUCKET}/"))
+    done = run_module(sweep, timeout=2 * TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for variant in ("residual", "no_residual"):
+        workdir = f"{sweep_dir}/{variant}/seed0"
+        assert [r["step"] for r in read_gs_metrics(workdir)] == [2]
+        assert "Model xception_tiny" in storage.read_text(f"{workdir}/train.log")
+    again = run_module(sweep)
+    assert again.stdout.count("finished already, skipped") == 2, again.stdout[-3000:]
+
+
+def test_fine_tuning_from_a_gs_workdir(main_job_runs, gs_data_dir, gcs_emulator, tmp_path):
+    gs_workdir, _ = main_job_runs
+    config = small_config(gs_data_dir, num_train_steps=2, eval_every_steps=2)
+    config.image_size = 48  # The source run's model and input size.
+    config.init_from_workdir = gs_workdir
+    config.freeze_backbone_steps = 2
+    workdir = gs_dir("finetuned")
+    state = train.train_and_evaluate(config, workdir, one_device())
+    _, source, _ = checkpoints.load(gs_workdir)
+    # A frozen backbone: bitwise the source run's after its steps.
+    backbone = {k: v for k, v in state.params.items() if k != "predictions"}
+    assert_bitwise_equal(backbone, {k: v for k, v in source["params"].items() if k in backbone})
+    assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
+
+
+def test_damaged_newest_gs_checkpoint_is_moved_aside_and_the_previous_one_used(
+    gs_data_dir, gcs_emulator, caplog
+):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="absl")
+    workdir = gs_dir("damaged")
+    config = small_config(gs_data_dir)  # Checkpoints 2 and 4.
+    train.train_and_evaluate(config, workdir, one_device())
+    prefix = workdir.removeprefix(f"gs://{gcs.BUCKET}/")
+    # Damage every array file of checkpoint 4 (its metadata stays readable).
+    data = [n for n in gcs_emulator.objects(f"{prefix}/checkpoints/4/") if "/d/" in n]
+    assert data
+    for name in data:
+        storage.write_atomic(f"gs://{gcs.BUCKET}/{name}", b"garbage")
+    damaged = {
+        n.replace(f"{prefix}/checkpoints/4/", ""): size
+        for n, size in gcs_emulator.objects(f"{prefix}/checkpoints/4/").items()
+        if not n.endswith("/")
+    }
+
+    config.num_train_steps = 6
+    state = train.train_and_evaluate(config, workdir, one_device())
+    assert int(state.step) == 6
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoints/4 is unreadable" in m for m in messages), messages
+    assert any("Resumed from checkpoint 2" in m for m in messages)
+    # Moved aside whole: every object of the damaged checkpoint, under its new name.
+    moved_to = f"{prefix}/{checkpoints.UNREADABLE_DIR}/4/"
+    moved = {
+        n.replace(moved_to, ""): size
+        for n, size in gcs_emulator.objects(moved_to).items()
+        if not n.endswith("/")
+    }
+    assert moved == damaged
+    assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2, 4, 6]
+
+
+# --------------------------------------------------------------------------------------------
+# Schemes nothing here supports
+# --------------------------------------------------------------------------------------------
+
+
+def test_s3_is_a_clear_error_before_anything_is_written(digits_data_dir, pool, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(procs.REPO, "train.py"),
+            f"--config={os.path.join(procs.REPO, 'configs/default.py')}",
+            "--workdir=s3://my-bucket/runs/x",
+            f"--config.data_dir={digits_data_dir}",
+        ],
+        cwd=cwd,
+        env=procs.env_with_devices(1),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "--workdir='s3://my-bucket/runs/x': s3:// is not supported" in proc.stderr
+    assert "orbax 0.12.8 cannot checkpoint to s3://" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(cwd.iterdir()) == []
+    with pytest.raises(storage.UnsupportedPathError, match="workdir='s3://b/x'"):
+        checkpoints.load("s3://b/x")
+    done = run_module(
+        ["xception_jax.prepare_data", "--dataset", "sklearn_digits", "--data_dir", "s3://b/tfds"],
+        cwd=cwd,
+    )
+    assert done.returncode == 1 and "config.data_dir='s3://b/tfds'" in done.stderr
+    assert list(cwd.iterdir()) == []
+
+
+def test_no_local_folder_named_after_a_scheme_was_left(tmp_path_factory):
+    roots = [procs.REPO, str(tmp_path_factory.getbasetemp().parent), conftest.GCS_DIR]
+    found = [
+        os.path.join(dirpath, name)
+        for root in roots
+        for dirpath, dirnames, _ in os.walk(root)
+        for name in dirnames
+        if name in ("gs:", "s3:") and ".git" not in dirpath
+    ]
+    assert found == []
