@@ -14,12 +14,13 @@ import uuid
 import conftest
 import gcs
 import jax
+import ml_collections
 import numpy as np
 import procs
 import pytest
 from test_train import read_metrics, small_config
 
-from xception_jax import checkpoints, curves, predict, storage, train
+from xception_jax import checkpoints, curves, predict, storage, sweep, train
 
 TIMEOUT = 300  # Seconds per process, far above what a run takes on 2 loaded cores.
 STEPS = 8
@@ -188,29 +189,42 @@ def test_main_job_on_gs_equals_the_same_run_locally(main_job_runs, gcs_emulator)
     assert checkpoints.create_manager(gs_workdir, read_only=True).all_steps() == [4, 6, 8]
 
 
-def test_sigkill_mid_save_and_mid_run_then_rerun_equals_the_uninterrupted_gs_run(
+def test_sigkill_mid_save_and_mid_run_and_a_damaged_checkpoint_then_rerun_equals_the_uninterrupted_gs_run(  # noqa: E501
     main_job_runs, gs_data_dir, gcs_emulator, pool
 ):
     uninterrupted, _ = main_job_runs
     workdir = gs_dir("killed")
     args = main_job_args(workdir, gs_data_dir)
-    prefix = workdir.removeprefix(f"gs://{gcs.BUCKET}/") + "/checkpoints/"
+    root = workdir.removeprefix(f"gs://{gcs.BUCKET}/")
+    prefix = root + "/checkpoints/"
 
-    def saving_step_4():
+    def saving_step_4():  # On gs:// orbax writes in place and commits with a marker object.
         names = gcs_emulator.objects(prefix)
-        started = any(n.startswith(prefix + "4") for n in names)
+        started = any(n.startswith(prefix + "4/") for n in names)
         return started and prefix + "4/commit_success.txt" not in names
 
-    def logged(step):
-        return lambda: step in [r["step"] for r in _metrics_or_empty(workdir)]
+    def saved_step_4():  # The rerun has resumed from 2 and written 4 again, whole.
+        return prefix + "4/commit_success.txt" in gcs_emulator.objects(prefix + "4/")
 
-    for moment, name in ((saving_step_4, "kill_mid_save"), (logged(6), "kill_mid_run")):
+    for moment, name in ((saving_step_4, "kill_mid_save"), (saved_step_4, "kill_mid_run")):
         proc = pool.start(args, name)
         procs.wait_for(moment, [proc], TIMEOUT, name, poll=0.01)
         proc.kill_group()  # SIGKILL: no handler, no cleanup, no flush.
+    # Then the newest complete checkpoint is damaged: every array file overwritten.
+    steps = checkpoints.create_manager(workdir, read_only=True).all_steps()
+    newest, previous = steps[-1], steps[-2]
+    data = [n for n in gcs_emulator.objects(f"{prefix}{newest}/") if "/d/" in n]
+    assert data
+    for name in data:
+        storage.write_atomic(f"gs://{gcs.BUCKET}/{name}", b"garbage")
+    damaged = files_under(gcs_emulator, f"{prefix}{newest}/")
+
     final = pool.start(args, "final")
     assert final.wait(TIMEOUT) == 0, final.log()[-4000:]
-    assert "Resumed from checkpoint" in final.log()
+    assert f"checkpoints/{newest} is unreadable" in final.log()
+    assert f"Resumed from checkpoint {previous}" in final.log()
+    # Moved aside whole (copied, then removed from checkpoints/), nothing deleted.
+    assert files_under(gcs_emulator, f"{root}/{checkpoints.UNREADABLE_DIR}/{newest}/") == damaged
 
     resumed, expected = checkpoints.load(workdir)[1], checkpoints.load(uninterrupted)[1]
     assert_bitwise_equal(resumed, expected)
@@ -220,11 +234,10 @@ def test_sigkill_mid_save_and_mid_run_then_rerun_equals_the_uninterrupted_gs_run
     )
 
 
-def _metrics_or_empty(workdir):
-    try:
-        return read_gs_metrics(workdir)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
+def files_under(emulator, prefix):
+    """{name below prefix: size} of the objects under prefix, without directory markers."""
+    objects = emulator.objects(prefix).items()
+    return {n.removeprefix(prefix): size for n, size in objects if not n.endswith("/")}
 
 
 def two_process_job(pool, workdirs, data_dir, name):
@@ -302,31 +315,31 @@ def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gs_data_dir, gcs_emu
 
     # sweep: a dry run, then one short run per variant (the residual ablation).
     sweep_dir = gs_dir("sweep")
-    sweep = [
+    command = [
         "xception_jax.sweep",
         "--config=configs/default.py",
         "--sweep=residual",
         f"--sweep_dir={sweep_dir}",
         *procs.small_overrides(gs_data_dir, num_train_steps=2, eval_every_steps=2),
     ]
-    dry = run_module([*sweep, "--dry_run"])
+    dry = run_module([*command, "--dry_run"])
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert f"--workdir={sweep_dir}/no_residual/seed0" in dry.stdout
     assert not gcs_emulator.objects(sweep_dir.removeprefix(f"gs://{gcs.BUCKET}/"))
-    done = run_module(sweep, timeout=2 * TIMEOUT)
+    done = run_module(command, timeout=2 * TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for variant in ("residual", "no_residual"):
         workdir = f"{sweep_dir}/{variant}/seed0"
         assert [r["step"] for r in read_gs_metrics(workdir)] == [2]
         assert "Model xception_tiny" in storage.read_text(f"{workdir}/train.log")
-    again = run_module(sweep)
-    assert again.stdout.count("finished already, skipped") == 2, again.stdout[-3000:]
+        # What a second `sweep` would do: see this run's config and final checkpoint on gs://.
+        written = ml_collections.ConfigDict(json.loads(storage.read_text(f"{workdir}/config.json")))
+        assert sweep.status(written, workdir) == "done"
 
 
 def test_fine_tuning_from_a_gs_workdir(main_job_runs, gs_data_dir, gcs_emulator, tmp_path):
     gs_workdir, _ = main_job_runs
     config = small_config(gs_data_dir, num_train_steps=2, eval_every_steps=2)
-    config.image_size = 48  # The source run's model and input size.
     config.init_from_workdir = gs_workdir
     config.freeze_backbone_steps = 2
     workdir = gs_dir("finetuned")
@@ -336,44 +349,6 @@ def test_fine_tuning_from_a_gs_workdir(main_job_runs, gs_data_dir, gcs_emulator,
     backbone = {k: v for k, v in state.params.items() if k != "predictions"}
     assert_bitwise_equal(backbone, {k: v for k, v in source["params"].items() if k in backbone})
     assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
-
-
-def test_damaged_newest_gs_checkpoint_is_moved_aside_and_the_previous_one_used(
-    gs_data_dir, gcs_emulator, caplog
-):
-    import logging
-
-    caplog.set_level(logging.INFO, logger="absl")
-    workdir = gs_dir("damaged")
-    config = small_config(gs_data_dir)  # Checkpoints 2 and 4.
-    train.train_and_evaluate(config, workdir, one_device())
-    prefix = workdir.removeprefix(f"gs://{gcs.BUCKET}/")
-    # Damage every array file of checkpoint 4 (its metadata stays readable).
-    data = [n for n in gcs_emulator.objects(f"{prefix}/checkpoints/4/") if "/d/" in n]
-    assert data
-    for name in data:
-        storage.write_atomic(f"gs://{gcs.BUCKET}/{name}", b"garbage")
-    damaged = {
-        n.replace(f"{prefix}/checkpoints/4/", ""): size
-        for n, size in gcs_emulator.objects(f"{prefix}/checkpoints/4/").items()
-        if not n.endswith("/")
-    }
-
-    config.num_train_steps = 6
-    state = train.train_and_evaluate(config, workdir, one_device())
-    assert int(state.step) == 6
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("checkpoints/4 is unreadable" in m for m in messages), messages
-    assert any("Resumed from checkpoint 2" in m for m in messages)
-    # Moved aside whole: every object of the damaged checkpoint, under its new name.
-    moved_to = f"{prefix}/{checkpoints.UNREADABLE_DIR}/4/"
-    moved = {
-        n.replace(moved_to, ""): size
-        for n, size in gcs_emulator.objects(moved_to).items()
-        if not n.endswith("/")
-    }
-    assert moved == damaged
-    assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2, 4, 6]
 
 
 # --------------------------------------------------------------------------------------------
