@@ -1,12 +1,16 @@
 """Everything on gs://, against a real GCS emulator on loopback (tests/gcs.py).
 
 The workdir and the TFDS data_dir live in the emulator's bucket; `python train.py`, the tools
-and the notebook functions run as users run them. Each case checks the result against the same
-thing done locally, or what the user sees.
+and the notebook functions run as users run them. The commands are the README's section
+"Running on Cloud TPU", in their emulator form (`emulator_form`); the last test checks that each
+of them ran. Each case checks the result against the same thing done locally, or what the user
+sees.
 """
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import uuid
@@ -37,21 +41,96 @@ def gs_dir(name: str) -> str:
     return f"gs://{gcs.BUCKET}/{uuid.uuid4().hex[:8]}/{name}"
 
 
-def main_job_args(workdir, data_dir, **overrides):
-    """The main job's command line (configs/default.py), shortened to STEPS steps."""
-    fields = {
-        "data_dir": data_dir,
-        "num_train_steps": STEPS,
-        "log_every_steps": 2,
-        "checkpoint_every_steps": 2,
-        "eval_every_steps": 4,
-        **overrides,
-    }
+# What the README calls gs://my-bucket: one directory of the emulator's bucket for this module.
+BUCKET_ROOT = gs_dir("my-bucket")
+README_SECTION = "## Running on Cloud TPU"
+# A command on a line of its own, or inside gcloud's --command "...".
+_COMMAND = re.compile(r'^(python (?:train\.py|-m xception_jax).*)$|"[^"]*&& (python [^"]*)"')
+RAN = []  # The README commands (as written there) that the tests below ran.
+
+
+def readme_commands() -> list[list[str]]:
+    """The `python ...` commands of the README's Cloud TPU section, as argv lists."""
+    with open(os.path.join(procs.REPO, "README.md")) as f:
+        section = f.read().split(README_SECTION, 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [
-        "--config=configs/default.py",
-        f"--workdir={workdir}",
-        *(f"--config.{k}={v}" for k, v in fields.items()),
+        shlex.split(alone or quoted)
+        for line in lines
+        for alone, quoted in _COMMAND.findall(line.strip())
+        if (alone or quoted).startswith(("python train.py", "python -m xception_jax"))
     ]
+
+
+def readme_command(tool: str, contains: str = "", excludes: str = "\0") -> list[str]:
+    """The one README command of `tool` ('train.py', 'xception_jax.curves', ...) whose text
+    holds `contains` and not `excludes`."""
+    found = [
+        c
+        for c in readme_commands()
+        if tool in c[:3] and contains in shlex.join(c) and excludes not in shlex.join(c)
+    ]
+    assert len(found) == 1, (tool, contains, found)
+    return found[0]
+
+
+def emulator_form(command: list[str], **fields) -> list[str]:
+    """A README command as it runs here: gs://my-bucket -> BUCKET_ROOT, the digits and
+    configs/default.py for ImageNet; `fields` are --config.x=y overrides appended (e.g. fewer
+    steps). Flags come as --flag=value. The argv after 'python train.py' or 'python -m'."""
+    RAN.append(command)
+    out, args = [], iter(command[2:])
+    for arg in args:
+        arg = arg.replace("gs://my-bucket", BUCKET_ROOT)
+        arg = arg.replace("configs/imagenet.py", "configs/default.py")
+        arg = "sklearn_digits" if arg == "imagenet2012" else arg
+        if out and out[-1].startswith("--") and "=" not in out[-1] and not arg.startswith("--"):
+            out[-1] += "=" + arg
+        else:
+            out.append(arg)
+    # The digits are built from scikit-learn, not from tars.
+    out = [a for a in out if not a.startswith("--manual_dir=")]
+    return out + [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+def multi_process_args(port: int, process_id: int, workdir: str, **fields) -> list[str]:
+    """The README's GPU-cluster command, emulator form: process `process_id` of 2 on
+    127.0.0.1:`port`, writing to `workdir`."""
+    argv = emulator_form(readme_command("train.py", "--coordinator_address"), **fields)
+    argv = replaced(
+        argv,
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=2,
+        process_id=process_id,
+        workdir=workdir,
+    )
+    return argv + list(procs.FAST_FAIL_FLAGS)
+
+
+TRAIN_FIELDS = {
+    "num_train_steps": STEPS,
+    "log_every_steps": 2,
+    "checkpoint_every_steps": 2,
+    "eval_every_steps": 4,
+}
+
+
+def replaced(argv: list[str], **flags) -> list[str]:
+    """`argv` with each --name=... in `flags` given the new value."""
+    return [
+        f"{a.split('=')[0]}={flags[a[2:].split('=')[0]]}" if a[2:].split("=")[0] in flags else a
+        for a in argv
+    ]
+
+
+def main_job_args(workdir=None, data_dir=None):
+    """The README's pod command in emulator form (the main job, STEPS steps), optionally with
+    another workdir and data_dir."""
+    pod = readme_command("train.py", excludes="--coordinator_address")
+    argv = emulator_form(pod, **TRAIN_FIELDS)
+    new = {"workdir": workdir, "config.data_dir": data_dir}
+    return replaced(argv, **{k: v for k, v in new.items() if v is not None})
 
 
 def read_gs_metrics(workdir):
@@ -93,13 +172,10 @@ def run_module(args, cwd=procs.REPO, timeout=TIMEOUT):
 @pytest.fixture(scope="module")
 def gs_data_dir(gcs_emulator):
     """sklearn_digits prepared into a gs:// data_dir by the README's command."""
-    data_dir = gs_dir("tfds")
-    done = run_module(
-        ["xception_jax.prepare_data", "--dataset", "sklearn_digits", "--data_dir", data_dir]
-    )
+    done = run_module(emulator_form(readme_command("xception_jax.prepare_data")))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "sklearn_digits ready in gs://" in done.stdout
-    return data_dir
+    assert f"sklearn_digits ready in {BUCKET_ROOT}/tfds" in done.stdout
+    return f"{BUCKET_ROOT}/tfds"
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +187,8 @@ def main_job_runs(gs_data_dir, digits_data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gs_main_job")
     pool = procs.ProcessPool(tmp)
     try:
-        gs_workdir, local_workdir = gs_dir("main"), str(tmp / "local")
-        on_gs = pool.start(main_job_args(gs_workdir, gs_data_dir), "gs")
+        gs_workdir, local_workdir = f"{BUCKET_ROOT}/runs/imagenet", str(tmp / "local")
+        on_gs = pool.start(main_job_args(), "gs")
         local = pool.start(main_job_args(local_workdir, digits_data_dir), "local")
         for proc in (on_gs, local):
             assert proc.wait(TIMEOUT) == 0, proc.log()[-4000:]
@@ -194,7 +270,7 @@ def test_sigkill_mid_save_and_mid_run_and_a_damaged_checkpoint_then_rerun_equals
 ):
     uninterrupted, _ = main_job_runs
     workdir = gs_dir("killed")
-    args = main_job_args(workdir, gs_data_dir)
+    args = main_job_args(workdir)
     root = workdir.removeprefix(f"gs://{gcs.BUCKET}/")
     prefix = root + "/checkpoints/"
 
@@ -240,30 +316,26 @@ def files_under(emulator, prefix):
     return {n.removeprefix(prefix): size for n, size in objects if not n.endswith("/")}
 
 
-def two_process_job(pool, workdirs, data_dir, name):
+def two_process_job(pool, workdirs, name):
+    """The README's GPU-cluster command as 2 processes on loopback, tiny and short."""
     port = procs.free_port()
+    fields = {
+        "image_size": 32,
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "num_train_steps": 2,
+        "eval_every_steps": 1000,
+        "checkpoint_every_steps": 2,
+    }
     return [
-        pool.start(
-            [
-                "--config=configs/default.py",
-                f"--workdir={workdir}",
-                *procs.small_overrides(
-                    data_dir, num_train_steps=2, eval_every_steps=1000, checkpoint_every_steps=2
-                ),
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                *procs.FAST_FAIL_FLAGS,
-            ],
-            f"{name}_{i}",
-        )
+        pool.start(multi_process_args(port, i, workdir, **fields), f"{name}_{i}")
         for i, workdir in enumerate(workdirs)
     ]
 
 
 def test_two_processes_share_one_gs_workdir(gs_data_dir, gcs_emulator, pool):
     workdir = gs_dir("two_processes")
-    job = two_process_job(pool, [workdir, workdir], gs_data_dir, "shared")
+    job = two_process_job(pool, [workdir, workdir], "shared")
     for proc in job:
         assert proc.wait(480) == 0, proc.log()[-4000:]
     assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
@@ -275,7 +347,7 @@ def test_two_processes_share_one_gs_workdir(gs_data_dir, gcs_emulator, pool):
 def test_two_processes_with_different_gs_workdirs_fail_the_shared_workdir_check(
     gs_data_dir, gcs_emulator, pool
 ):
-    job = two_process_job(pool, [gs_dir("p0"), gs_dir("p1")], gs_data_dir, "split")
+    job = two_process_job(pool, [gs_dir("p0"), gs_dir("p1")], "split")
     codes = [proc.wait(TIMEOUT) for proc in job]
     assert codes == [1, 1], [p.log()[-3000:] for p in job]
     for proc in job:
@@ -287,7 +359,7 @@ def test_two_processes_with_different_gs_workdirs_fail_the_shared_workdir_check(
 # --------------------------------------------------------------------------------------------
 
 
-def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gs_data_dir, gcs_emulator, tmp_path):
+def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gcs_emulator, capsys):
     gs_workdir, local_workdir = main_job_runs
     # checkpoints.load, the notebook's entry point.
     model, variables, config = checkpoints.load(gs_workdir)
@@ -295,37 +367,35 @@ def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gs_data_dir, gcs_emu
     assert_bitwise_equal(variables, local_variables)
     assert config.class_names == local_config.class_names
 
-    # curves: gs:// workdirs in, PNG / SVG / table out to gs://.
-    out = gs_dir("curves") + "/c.png"
-    curves.main([gs_workdir, "--out", out, "--table", out.replace(".png", ".md")])
-    for suffix in (".png", ".svg", ".md"):
-        assert storage.exists(out.replace(".png", suffix)), suffix
-    assert storage.read_bytes(out).startswith(b"\x89PNG")
-    assert gs_workdir in storage.read_text(out.replace(".png", ".md"))
+    # curves: a gs:// workdir in, PNG / SVG / table out to gs://.
+    curves.main(emulator_form(readme_command("xception_jax.curves", "runs/imagenet"))[1:])
+    for name in ("curves.png", "curves.svg", "eval.md"):
+        assert storage.exists(f"{gs_workdir}/{name}"), name
+    assert storage.read_bytes(f"{gs_workdir}/curves.png").startswith(b"\x89PNG")
+    assert gs_workdir in storage.read_text(f"{gs_workdir}/eval.md")
 
-    # predict: a gs:// workdir and a gs:// image; the same answer as from the local run.
-    encoded, _ = predict.eval_examples(config, 2)
-    image = gs_dir("images") + "/digit.png"
-    storage.write_atomic(image, encoded[0])
-    from_gs = predict.predict([image], model, variables, config.class_names, config.image_size)
-    done = run_module(["xception_jax.predict", "--workdir", gs_workdir, image, "--top_k", "1"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    label, p = from_gs[0][0]
-    assert f"{p:7.4f}  {label}" in done.stdout
-
-    # sweep: a dry run, then one short run per variant (the residual ablation).
-    sweep_dir = gs_dir("sweep")
-    command = [
-        "xception_jax.sweep",
-        "--config=configs/default.py",
-        "--sweep=residual",
-        f"--sweep_dir={sweep_dir}",
-        *procs.small_overrides(gs_data_dir, num_train_steps=2, eval_every_steps=2),
+    # predict: a gs:// workdir and a gs:// image; the answer of the run's own model.
+    encoded, _ = predict.eval_examples(config, 1)
+    storage.write_atomic(f"{BUCKET_ROOT}/images/cat.jpg", encoded[0])
+    capsys.readouterr()
+    predict.main(emulator_form(readme_command("xception_jax.predict"))[1:])
+    label, p = predict.predict(encoded, model, variables, config.class_names, config.image_size)[0][
+        0
     ]
-    dry = run_module([*command, "--dry_run"])
+    assert f"{p:7.4f}  {label}" in capsys.readouterr().out
+
+    # sweep: the README's dry run prints the commands and writes nothing; then the same sweep,
+    # short, trains each variant into gs://.
+    sweep_dir = f"{BUCKET_ROOT}/sweeps/residual"
+    command = emulator_form(readme_command("xception_jax.sweep"))
+    dry = run_module(command)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert f"--workdir={sweep_dir}/no_residual/seed0" in dry.stdout
     assert not gcs_emulator.objects(sweep_dir.removeprefix(f"gs://{gcs.BUCKET}/"))
+    short = {"image_size": 32, "batch_size": 16, "num_train_steps": 2, "eval_every_steps": 2}
+    command = [a for a in command if a != "--dry_run"] + [
+        f"--config.{k}={v}" for k, v in short.items()
+    ]
     done = run_module(command, timeout=2 * TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for variant in ("residual", "no_residual"):
@@ -335,6 +405,11 @@ def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gs_data_dir, gcs_emu
         # What a second `sweep` would do: see this run's config and final checkpoint on gs://.
         written = ml_collections.ConfigDict(json.loads(storage.read_text(f"{workdir}/config.json")))
         assert sweep.status(written, workdir) == "done"
+    # curves with a gs:// pattern (no shell can expand it): both variants, one figure.
+    curves.main(emulator_form(readme_command("xception_jax.curves", "*"))[1:])
+    table = capsys.readouterr().out
+    assert "residual=True" in table and "residual=False" in table
+    assert storage.exists(f"{sweep_dir}/curves.png")
 
 
 def test_fine_tuning_from_a_gs_workdir(main_job_runs, gs_data_dir, gcs_emulator, tmp_path):
@@ -386,6 +461,13 @@ def test_s3_is_a_clear_error_before_anything_is_written(digits_data_dir, pool, t
     )
     assert done.returncode == 1 and "config.data_dir='s3://b/tfds'" in done.stderr
     assert list(cwd.iterdir()) == []
+
+
+def test_every_readme_cloud_command_ran_here():
+    # Run after the tests above (one module runs in file order on one worker).
+    assert readme_commands(), "README section 'Running on Cloud TPU' has no python command"
+    missing = [shlex.join(c) for c in readme_commands() if c not in RAN]
+    assert missing == []
 
 
 def test_no_local_folder_named_after_a_scheme_was_left(tmp_path_factory):

@@ -1,6 +1,7 @@
 """Training curves of any set of workdirs, grouped over seeds, and a table of eval accuracies.
 
     python -m xception_jax.curves runs/sweep/*/seed* --out curves.png [--log_loss] [--table t.md]
+    python -m xception_jax.curves "gs://bucket/sweep/*/seed*" --out gs://bucket/sweep/curves.png
 
 Reads `metrics.jsonl` and `config.json` of each workdir. Runs whose configs differ only in
 `seed` form one group, drawn as the mean over its runs with a min-max band; groups are labelled
@@ -240,7 +241,10 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "workdirs", nargs="+", help="Training workdirs (with metrics.jsonl), local or gs://."
+        "workdirs",
+        nargs="+",
+        help="Training workdirs (with metrics.jsonl), local or gs://; '*' patterns are expanded "
+        "here (a shell cannot expand gs:// ones).",
     )
     parser.add_argument(
         "--out", required=True, help="PNG to write, local or gs:// (an .svg is written too)."
@@ -252,7 +256,13 @@ def main(argv=None) -> None:
     for what, value in (("--out", args.out), ("--table", args.table)):
         if value:
             storage.check_supported(value, what)  # Before reading anything.
-    groups = group_runs([load_run(w) for w in args.workdirs])
+    workdirs = []
+    for pattern in args.workdirs:
+        matches = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"No workdir matches {pattern!r}.")
+        workdirs += matches
+    groups = group_runs([load_run(w) for w in workdirs])
     fig = plot(groups, log_loss=args.log_loss, title=args.title)
     paths = save(fig, args.out)
     md = table(groups)

@@ -18,6 +18,7 @@ that not every part of a run can use, before anything is written.
 
 from __future__ import annotations
 
+import glob as glob_lib
 import io
 import os
 import posixpath
@@ -143,6 +144,18 @@ def isdir(p) -> bool:
 def listdir(p) -> list[str]:
     """The names of the entries of directory `p` (not sorted)."""
     return [child.name for child in path(p).iterdir()]
+
+
+def glob(pattern: str) -> list[str]:
+    """The paths matching `pattern` ('*', '?', '[...]'), sorted; local or gs://."""
+    check_supported(pattern, "pattern")
+    if not is_remote(pattern):
+        return sorted(glob_lib.glob(os.path.expanduser(pattern)))
+    # The bucket part holds no pattern: glob below it.
+    found = scheme(pattern)
+    bucket, _, rest = pattern[len(found) + 3 :].partition("/")
+    root = epath.Path(f"{found}://{bucket}")
+    return sorted(os.fspath(p) for p in root.glob(rest))
 
 
 def subdirs(p) -> list[str]:

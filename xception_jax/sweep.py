@@ -209,9 +209,8 @@ def run_sweep(
             f"{time.time() - start:.0f} s"
         )
     print("# Summary: " + ", ".join(f"{k}: {v}" for k, v in results.items()))
-    print(
-        f"# Curves: python -m xception_jax.curves {sweep_dir}/*/seed* --out {sweep_dir}/curves.png"
-    )
+    pattern = f'"{sweep_dir}/*/seed*"'  # Quoted: curves expands it (also on gs://).
+    print(f"# Curves: python -m xception_jax.curves {pattern} --out {sweep_dir}/curves.png")
     return results
 
 
