@@ -257,7 +257,7 @@ def test_main_job_on_gs_equals_the_same_run_locally(main_job_runs, gcs_emulator)
     assert without_timing(on_gs) == without_timing(local)
     assert on_gs[-1]["eval_accuracy"] > 0  # An eval ran, on the gs:// data.
     # Everything at the top of the workdir, as in a local one (the shared-workdir token gone).
-    top = {n.split("/")[2]: size for n, size in gcs_emulator.objects(gs_workdir + "/").items()}
+    top = files_under(gcs_emulator, gs_workdir.removeprefix(f"gs://{gcs.BUCKET}/") + "/")
     assert top["config.json"] > 0 and top["metrics.jsonl"] > 0
     assert [n for n in top if n.startswith("events.out.tfevents.") and top[n] > 0]
     assert not [n for n in top if n.startswith(".shared_workdir_check")]
@@ -316,32 +316,68 @@ def files_under(emulator, prefix):
     return {n.removeprefix(prefix): size for n, size in objects if not n.endswith("/")}
 
 
+# Tiny and short: the README's GPU-cluster command as 2 processes on loopback.
+TWO_PROCESS_FIELDS = {
+    "image_size": 32,
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "num_train_steps": 2,
+    "eval_every_steps": 1000,
+    "checkpoint_every_steps": 2,
+}
+
+
 def two_process_job(pool, workdirs, name):
-    """The README's GPU-cluster command as 2 processes on loopback, tiny and short."""
+    """Starts the 2 processes, process i writing to workdirs[i]."""
     port = procs.free_port()
-    fields = {
-        "image_size": 32,
-        "batch_size": 16,
-        "eval_batch_size": 64,
-        "num_train_steps": 2,
-        "eval_every_steps": 1000,
-        "checkpoint_every_steps": 2,
-    }
     return [
-        pool.start(multi_process_args(port, i, workdir, **fields), f"{name}_{i}")
+        pool.start(multi_process_args(port, i, workdir, **TWO_PROCESS_FIELDS), f"{name}_{i}")
         for i, workdir in enumerate(workdirs)
     ]
 
 
-def test_two_processes_share_one_gs_workdir(gs_data_dir, gcs_emulator, pool):
-    workdir = gs_dir("two_processes")
-    job = two_process_job(pool, [workdir, workdir], "shared")
-    for proc in job:
-        assert proc.wait(480) == 0, proc.log()[-4000:]
+@pytest.fixture(scope="module")
+def two_process_run(gs_data_dir, tmp_path_factory):
+    """A finished 2-process run in one gs:// workdir: (workdir, its two processes)."""
+    pool = procs.ProcessPool(tmp_path_factory.mktemp("gs_two_processes"))
+    try:
+        workdir = gs_dir("two_processes")
+        job = two_process_job(pool, [workdir, workdir], "shared")
+        for proc in job:
+            assert proc.wait(480) == 0, proc.log()[-4000:]
+        return workdir, job
+    finally:
+        pool.close()
+
+
+def test_two_processes_share_one_gs_workdir(two_process_run):
+    workdir, job = two_process_run
     assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
     assert [r["step"] for r in read_gs_metrics(workdir)] == [2]
     fingerprints = [proc.log().split("Params at step 2 fingerprint ")[1][:16] for proc in job]
     assert fingerprints[0] == fingerprints[1]
+
+
+def test_gs_checkpoint_of_another_model_or_a_newer_layout_is_refused_untouched(
+    two_process_run, gs_data_dir, gcs_emulator
+):
+    workdir, _ = two_process_run
+    prefix = workdir.removeprefix(f"gs://{gcs.BUCKET}/") + "/"
+    config = small_config(gs_data_dir, **{k: v for k, v in TWO_PROCESS_FIELDS.items()})
+    before = files_under(gcs_emulator, prefix)
+    config.model.width_multiplier = 0.5  # xception_tiny has 0.25.
+    with pytest.raises(checkpoints.CheckpointError, match="Checkpoint 2 .* another model"):
+        train.train_and_evaluate(config, workdir, one_device())
+    config.model.width_multiplier = 0.25
+    meta = f"{checkpoints.checkpoint_dir(workdir)}/2/meta/metadata"
+    newer = json.loads(storage.read_text(meta))
+    newer["layout_version"] = checkpoints.LAYOUT_VERSION + 1
+    storage.write_atomic(meta, json.dumps(newer))
+    before_layout = files_under(gcs_emulator, prefix)
+    with pytest.raises(checkpoints.CheckpointError, match="has layout version 2, this code reads"):
+        train.train_and_evaluate(config, workdir, one_device())
+    after = files_under(gcs_emulator, prefix)
+    assert after == before_layout and after.keys() == before.keys()
 
 
 def test_two_processes_with_different_gs_workdirs_fail_the_shared_workdir_check(
@@ -431,7 +467,9 @@ def test_fine_tuning_from_a_gs_workdir(main_job_runs, gs_data_dir, gcs_emulator,
 # --------------------------------------------------------------------------------------------
 
 
-def test_s3_is_a_clear_error_before_anything_is_written(digits_data_dir, pool, tmp_path):
+def test_s3_is_a_clear_error_before_anything_is_written(
+    digits_data_dir, tmp_path, monkeypatch, capsys
+):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     proc = subprocess.run(
@@ -460,6 +498,14 @@ def test_s3_is_a_clear_error_before_anything_is_written(digits_data_dir, pool, t
         cwd=cwd,
     )
     assert done.returncode == 1 and "config.data_dir='s3://b/tfds'" in done.stderr
+    monkeypatch.chdir(cwd)
+    for main, argv, what in (
+        (curves.main, ["runs/x", "--out", "s3://b/c.png"], "--out"),
+        (predict.main, ["--workdir", "s3://b/run", "cat.jpg"], "--workdir"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"{what}='s3://" in capsys.readouterr().err
     assert list(cwd.iterdir()) == []
 
 

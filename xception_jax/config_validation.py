@@ -162,14 +162,7 @@ def validate(
 def path_errors(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:
     """Messages for the workdir and path fields whose scheme is neither local nor gs://."""
     named = [("--workdir", workdir)] + [(f"config.{f}", config.get(f)) for f in PATH_FIELDS]
-    errors = []
-    for what, value in named:
-        try:
-            if value:
-                storage.check_supported(value, what)
-        except storage.UnsupportedPathError as e:
-            errors.append(str(e))
-    return errors
+    return storage.unsupported(named)
 
 
 def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:

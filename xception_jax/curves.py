@@ -253,9 +253,10 @@ def main(argv=None) -> None:
     parser.add_argument("--table", help="Also write the markdown table to this file.")
     parser.add_argument("--title", help="Figure title.")
     args = parser.parse_args(argv)
-    for what, value in (("--out", args.out), ("--table", args.table)):
-        if value:
-            storage.check_supported(value, what)  # Before reading anything.
+    named = [("--out", args.out), ("--table", args.table)] + [("workdir", w) for w in args.workdirs]
+    errors = storage.unsupported(named)  # Before reading anything.
+    if errors:
+        parser.error("\n".join(errors))
     workdirs = []
     for pattern in args.workdirs:
         matches = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]

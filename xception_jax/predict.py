@@ -199,6 +199,10 @@ def main(argv=None) -> None:
     parser.add_argument("--ema", action="store_true", help="Use the Polyak-averaged weights.")
     parser.add_argument("--image_size", type=int, help="Override the model's input size.")
     args = parser.parse_args(argv)
+    named = [("--workdir", args.workdir), ("--keras_weights", args.keras_weights)]
+    errors = storage.unsupported(named + [("image", image) for image in args.images])
+    if errors:
+        parser.error("\n".join(errors))
     model, variables, names, image_size = load_for_prediction(
         args.workdir, args.keras_weights, args.step, args.ema
     )

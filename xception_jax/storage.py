@@ -78,6 +78,21 @@ def check_supported(path, what: str = "path") -> None:
     )
 
 
+def unsupported(named) -> list[str]:
+    """The error messages of the (what, path) pairs whose scheme is not supported.
+
+    Empty paths (unset fields) are skipped.
+    """
+    errors = []
+    for what, value in named:
+        try:
+            if value:
+                check_supported(value, what)
+        except UnsupportedPathError as e:
+            errors.append(str(e))
+    return errors
+
+
 def path(p, what: str = "path") -> epath.Path:
     """`p` (a str or path, local or gs://) as an epath.Path; `~` expanded for local paths."""
     check_supported(p, what)

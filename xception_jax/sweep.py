@@ -219,10 +219,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.sweep_dir:
         raise app.UsageError("--sweep_dir is required (e.g. --sweep_dir runs/sweep_residual).")
-    try:
-        storage.check_supported(FLAGS.sweep_dir, "--sweep_dir")
-    except storage.UnsupportedPathError as e:
-        raise app.UsageError(str(e)) from None
+    errors = storage.unsupported([("--sweep_dir", FLAGS.sweep_dir)])
+    if errors:
+        raise app.UsageError(errors[0])
     config_file = config_flags.get_config_filename(FLAGS["config"])
     results = run_sweep(
         FLAGS.config,

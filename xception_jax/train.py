@@ -268,7 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     Args:
       config: the experiment (see configs/common.py for every field).
-      workdir: where checkpoints, metrics.jsonl, TensorBoard events and config.json go.
+      workdir: where checkpoints, metrics.jsonl, TensorBoard events and config.json go: a local
+        directory or a gs:// URL.
       devices: the devices to shard the batch over; every device of every process when None.
 
     Returns the final TrainState (replicated over the mesh).
@@ -277,6 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     # Config errors first (nothing read, written or compiled yet), then the dataset.
     config_validation.validate(config, None, workdir, num_devices=len(devices or jax.devices()))
+    workdir = os.fspath(storage.path(workdir))  # '~' expanded once, for every writer below.
     enable_compilation_cache(config)
     info = input_pipeline.get_dataset_info(config)
     config_validation.check_num_classes(config, info)
