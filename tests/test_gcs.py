@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import procs
 import pytest
+from test_input_pipeline import _make_folder
 from test_train import read_metrics, small_config
 
 from xception_jax import checkpoints, curves, predict, storage, sweep, train
@@ -243,6 +244,48 @@ def test_storage_functions_on_gs_and_locally(gcs_emulator, tmp_path):
     assert storage.normpath("gs://b/x//y/../z/") == "gs://b/x/z"
     assert storage.commonpath(["gs://b/x/s0", "gs://b/x/s1"]) == "gs://b/x"
     assert storage.abspath("runs/x") == os.path.abspath("runs/x")
+
+
+def test_image_folder_and_weight_files_on_gs_read_as_locally(
+    gcs_emulator, tmp_path, data_config, color_of_label, jpeg_of_color
+):
+    import itertools
+
+    import h5py
+
+    from xception_jax import input_pipeline, keras_weights
+
+    local = tmp_path / "folder"
+    _make_folder(local, jpeg_of_color, color_of_label)
+    remote = gs_dir("folder")
+    for file in local.rglob("*"):
+        if file.is_file():
+            storage.write_atomic(f"{remote}/{file.relative_to(local)}", file.read_bytes())
+    batches = {}
+    for root in (str(local), remote):
+        config = data_config(
+            dataset="image_folder", image_folder=root, eval_split="val", image_size=20,
+            batch_size=8, eval_batch_size=4,
+        )  # fmt: skip
+        info = input_pipeline.get_dataset_info(config)
+        train = list(itertools.islice(input_pipeline.train_iterator(config), 3))
+        batches[root] = (info, train, list(input_pipeline.eval_iterator(config)))
+    (info, train, evals), (gs_info, gs_train, gs_evals) = batches.values()
+    assert gs_info == info and info.class_names == ("cat", "dog", "eel")
+    for a, b in zip(train + evals, gs_train + gs_evals, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+    # A weight file on gs:// reaches h5py (this one is HDF5, but no Keras file).
+    h5 = tmp_path / "w.h5"
+    with h5py.File(h5, "w") as f:
+        f.create_dataset("x", data=np.arange(3))
+    storage.write_atomic(f"{remote}/w.h5", h5.read_bytes())
+    with pytest.raises(ValueError, match="is neither a legacy Keras weight file"):
+        keras_weights.read_layers(f"{remote}/w.h5")
+    with pytest.raises(ValueError, match="Cannot open .* as HDF5"):
+        keras_weights.read_layers(f"{remote}/train/cat/img0.jpg")
 
 
 # --------------------------------------------------------------------------------------------
