@@ -120,15 +120,7 @@ def validate(
                 f"minimum of model {config.model.name!r}; use image_size >= "
                 f"{model.min_input_size}."
             )
-    devices, processes = num_devices or jax.device_count(), jax.process_count()
-    for field in ("batch_size", "eval_batch_size"):
-        value = config[field]
-        if value <= 0 or value % devices:
-            errors.append(
-                f"config.{field}={value} must be a positive multiple of the {devices} devices "
-                f"({processes} processes); use e.g. {max(1, value // devices) * devices}."
-            )
-    errors += grad_accum_errors(config, devices, processes)
+    errors += batch_errors(config, num_devices or jax.device_count(), jax.process_count())
     if config.schedule.base_learning_rate <= 0:
         errors.append(
             f"config.schedule.base_learning_rate={config.schedule.base_learning_rate} must be > 0."
@@ -164,6 +156,19 @@ def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
             "freeze_backbone_steps=0 to train from scratch."
         )
     return errors
+
+
+def batch_errors(config: ml_collections.ConfigDict, devices: int, processes: int = 1) -> list[str]:
+    """Batch sizes that the devices (and, for training, the microbatches) divide evenly."""
+    errors = []
+    for field in ("batch_size", "eval_batch_size"):
+        value = config[field]
+        if value <= 0 or value % devices:
+            errors.append(
+                f"config.{field}={value} must be a positive multiple of the {devices} devices "
+                f"({processes} processes); use e.g. {max(1, value // devices) * devices}."
+            )
+    return errors + grad_accum_errors(config, devices, processes)
 
 
 def grad_accum_errors(config: ml_collections.ConfigDict, devices: int, processes: int) -> list[str]:
