@@ -161,7 +161,12 @@ def test_a_batch_that_cannot_fit_is_one_clear_line_and_exit_code_1():
     line = next(x for x in out.stderr.splitlines() if x.startswith("Does not fit"))
     needed = f"{report['hbm_needed_bytes'] / GIB:.2f} GiB"
     assert f"needs {needed} of HBM per chip, and a chip has 15.75 GiB" in line
-    for fix in ("half_precision=True", "remat=True", "grad_accum_steps=2", "--topology v5e-4"):
+    for fix in (
+        "half_precision=True",
+        "remat_blocks=True",
+        "grad_accum_steps=2",
+        "--topology v5e-4",
+    ):
         assert fix in line
 
 
