@@ -163,7 +163,7 @@ def test_a_batch_that_cannot_fit_is_one_clear_line_and_exit_code_1():
     assert f"needs {needed} of HBM per chip, and a chip has 15.75 GiB" in line
     for fix in (
         "half_precision=True",
-        "remat_blocks=True",
+        "remat=True",
         "grad_accum_steps=2",
         "--topology v5e-4",
     ):
