@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.intermediate_activation = "none"  # 'none' | 'relu' | 'elu' (paper Fig. 10).
     config.model.dropout_rate = 0.0
     config.model.remat = False  # Recompute sepconvs' inner activations: less memory, 4-6% slower.
+    # Recompute every block from its input in the backward pass: the least memory, about one
+    # more forward pass of compute (HBM per image on TPU: README "Memory on TPU").
+    config.model.remat_blocks = False
     # Op implementations (xception_jax.ops.IMPLS; all equal in value): 'auto' is the backend's
     # fastest measured. E.g. 'lax' everywhere for XLA's own ops, or 'taps_vjp' to try on GPU.
     config.model.depthwise_impl = "auto"  # 'taps_vjp' | 'taps' | 'lax'
@@ -42,6 +45,17 @@ def base_config() -> ml_collections.ConfigDict:
     # Batch sizes are global: split over every device of every process.
     config.batch_size = 256
     config.eval_batch_size = 256
+    # Gradient accumulation: each global batch is split into this many microbatches inside the
+    # jitted step (a lax.scan, so only one microbatch's activations are in memory at a time);
+    # their gradients are averaged into one optimizer update. Microbatch j holds examples j,
+    # j + k, j + 2k, ... of the batch, i.e. an equal share of every device's part. BatchNorm
+    # normalises each microbatch with that microbatch's own statistics (as the paper's per-GPU
+    # BatchNorm did: batch_size / grad_accum_steps images per statistic, not batch_size) and
+    # updates its running averages once per microbatch, in order; dropout draws per microbatch.
+    # Loss and accuracy metrics are the whole batch's. Data order, schedule, EMA, checkpoints
+    # and resume do not change. batch_size must be a multiple of grad_accum_steps x devices.
+    # 1: the plain step (one forward/backward over the whole batch).
+    config.grad_accum_steps = 1
     config.seed = 0
 
     # Optimizer (xception_jax.optim).

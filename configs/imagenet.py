@@ -35,6 +35,9 @@ def get_config():
 
     config.batch_size = 1024
     config.eval_batch_size = 1024
+    # Fits the paper's batch on small TPU slices (see the docstring and README "Memory on TPU").
+    config.half_precision = True
+    config.grad_accum_steps = 4
 
     config.optimizer.name = "sgd"
     config.optimizer.momentum = 0.9

@@ -222,7 +222,7 @@ def _train_grads(model, variables, x, labels, compiler_options=None):
 
 
 def test_model_gradients_same_for_fast_impls_and_remat():
-    """A whole tiny Xception: the fast ops and remat give the reference (lax) gradients.
+    """A whole tiny Xception: the fast ops and both remats give the reference (lax) gradients.
 
     In float64: this tiny model (batch 2, 1x1 final feature maps) is so ill-conditioned that
     float32 roundoff of two equally valid summation orders grows to ~1e-4 relative in the
@@ -247,7 +247,7 @@ def test_model_gradients_same_for_fast_impls_and_remat():
         # difference would show here. Compiled as train.py compiles (barriers kept, so remat
         # really recomputes).
         fast = dict(depthwise_impl="taps_vjp", conv_impl="im2col", pool_impl="taps_vjp")
-        model = models.create_model("xception_tiny", remat=True, **fast, **small)
+        model = models.create_model("xception_tiny", remat=True, remat_blocks=True, **fast, **small)
         grads, stats = _train_grads(model, variables, x, labels, ops.compiler_options("cpu"))
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     leaves = jax.tree.leaves((grads, stats))

@@ -132,14 +132,7 @@ def validate(
                 f"minimum of model {config.model.name!r}; use image_size >= "
                 f"{model.min_input_size}."
             )
-    devices, processes = num_devices or jax.device_count(), jax.process_count()
-    for field in ("batch_size", "eval_batch_size"):
-        value = config[field]
-        if value <= 0 or value % devices:
-            errors.append(
-                f"config.{field}={value} must be a positive multiple of the {devices} devices "
-                f"({processes} processes); use e.g. {max(1, value // devices) * devices}."
-            )
+    errors += batch_errors(config, num_devices or jax.device_count(), jax.process_count())
     if config.schedule.base_learning_rate <= 0:
         errors.append(
             f"config.schedule.base_learning_rate={config.schedule.base_learning_rate} must be > 0."
@@ -181,3 +174,33 @@ def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
             "freeze_backbone_steps=0 to train from scratch."
         )
     return errors
+
+
+def batch_errors(config: ml_collections.ConfigDict, devices: int, processes: int = 1) -> list[str]:
+    """Batch sizes that the devices (and, for training, the microbatches) divide evenly."""
+    errors = []
+    for field in ("batch_size", "eval_batch_size"):
+        value = config[field]
+        if value <= 0 or value % devices:
+            errors.append(
+                f"config.{field}={value} must be a positive multiple of the {devices} devices "
+                f"({processes} processes); use e.g. {max(1, value // devices) * devices}."
+            )
+    return errors + grad_accum_errors(config, devices, processes)
+
+
+def grad_accum_errors(config: ml_collections.ConfigDict, devices: int, processes: int) -> list[str]:
+    """config.grad_accum_steps: a positive integer whose microbatches split evenly over devices."""
+    k = config.get("grad_accum_steps", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        return [f"config.grad_accum_steps={k!r} must be an integer >= 1 (1: no accumulation)."]
+    batch = config.batch_size
+    if k == 1 or batch <= 0 or batch % devices or batch % (k * devices) == 0:
+        return []  # (A batch that the devices alone do not divide is reported above.)
+    fits = [d for d in range(1, k + 1) if batch % (d * devices) == 0]
+    return [
+        f"config.batch_size={batch} does not split into grad_accum_steps={k} microbatches of "
+        f"equal shares of the {devices} devices ({processes} processes): batch_size must be a "
+        f"multiple of grad_accum_steps x devices = {k * devices}. Use batch_size="
+        f"{max(1, batch // (k * devices)) * k * devices}, or grad_accum_steps={max(fits)}."
+    ]

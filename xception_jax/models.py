@@ -74,6 +74,21 @@ class _XceptionBase(nn.Module):
     # peak RSS 2.79 -> 2.41 GB at 299px batch 8, 2.35 -> 2.00 GB at 128px batch 32, for 4-6%
     # slower steps; off by default.
     remat: bool = False
+    # Recompute each whole block (entry, middle and exit flow, and the aligned model's blocks)
+    # in the backward pass from the block's input, which is all the forward pass keeps of it
+    # (nn.remat around the block; same values and gradients; about one more forward pass of
+    # compute). The memory per image this saves on TPU is in the README ("Memory on TPU").
+    remat_blocks: bool = False
+
+    def _remat_block(self, fn, x, *args):
+        """``fn(self, x, *args)`` (a block), recomputed in the backward pass if remat_blocks.
+
+        ``args`` are static (names, channel tuples, flags): hashable Python values.
+        """
+        if self.remat_blocks:
+            # static_argnums counts the module: (module, x, *args).
+            fn = nn.remat(fn, static_argnums=tuple(range(2, 2 + len(args))))
+        return fn(self, x, *args)
 
     def _check(self, x: jax.Array) -> None:
         get_activation(self.intermediate_activation)  # fails early on a bad name
@@ -190,6 +205,7 @@ class Xception(_XceptionBase):
       bn_momentum, bn_epsilon: BatchNorm (Keras: 0.99, 1e-3).
       min_input_size: smallest accepted height/width (Keras: 71).
       remat: recompute separable convs' inner activations in the backward pass (less memory).
+      remat_blocks: recompute every block from its input in the backward pass (least memory).
     """
 
     @nn.compact
@@ -209,29 +225,40 @@ class Xception(_XceptionBase):
         # Entry flow: blocks 2-4. Block 2's first sepconv has no ReLU in front (input is
         # already activated); the shortcut reads the block input before the ReLU.
         for block, ch in ((2, 128), (3, 256), (4, 728)):
-            x = self._downsample_block(x, block, (ch, ch), pre_relu=block != 2, train=train)
+            x = self._remat_block(
+                type(self)._downsample_block, x, block, (ch, ch), block != 2, train
+            )
             feats[f"block{block}"] = x
 
         # Middle flow: identity-shortcut blocks of 3 x (ReLU, sep 728, BN).
         for block in range(5, 5 + self.middle_blocks):
-            y = x
-            for j in range(1, 4):
-                y = self._sep(728, f"block{block}_sepconv{j}")(relu(y), train)
-                y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
-            x = x + y if self.residual else y
+            x = self._remat_block(type(self)._middle_block, x, block, train)
         feats["middle"] = x
 
         # Exit flow: one downsampling block, then block 14 (post-activation, no shortcut).
         exit1 = 5 + self.middle_blocks
-        x = self._downsample_block(x, exit1, (728, 1024), pre_relu=True, train=train)
-        for j, ch in ((1, 1536), (2, 2048)):
-            x = self._sep(ch, f"block{exit1 + 1}_sepconv{j}")(x, train)
-            x = relu(self._bn(f"block{exit1 + 1}_sepconv{j}_bn", train)(x))
+        x = self._remat_block(type(self)._downsample_block, x, exit1, (728, 1024), True, train)
+        x = self._remat_block(type(self)._exit_block, x, exit1 + 1, train)
 
         out = self._head(x, train, feats)
         return feats if return_features else out
 
-    def _downsample_block(self, x, block: int, chs: Sequence[int], *, pre_relu: bool, train):
+    def _middle_block(self, x, block: int, train: bool):
+        """3 x (ReLU, sep 728, BN) + identity shortcut."""
+        y = x
+        for j in range(1, 4):
+            y = self._sep(728, f"block{block}_sepconv{j}")(ops.relu(y), train)
+            y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
+        return x + y if self.residual else y
+
+    def _exit_block(self, x, block: int, train: bool):
+        """sep 1536, BN, ReLU, sep 2048, BN, ReLU (post-activation, no shortcut)."""
+        for j, ch in ((1, 1536), (2, 2048)):
+            x = self._sep(ch, f"block{block}_sepconv{j}")(x, train)
+            x = ops.relu(self._bn(f"block{block}_sepconv{j}_bn", train)(x))
+        return x
+
+    def _downsample_block(self, x, block: int, chs: Sequence[int], pre_relu: bool, train: bool):
         """(ReLU), sep, BN, ReLU, sep, BN, maxpool 3x3/2 SAME; + shortcut conv 1x1/2 + BN."""
         shortcut = x
         y = ops.relu(x) if pre_relu else x
@@ -298,7 +325,9 @@ class XceptionAligned(_XceptionBase):
                     s = 1
                 else:
                     stride *= s
-            x = self._block(x, name, chs, s, block_dilation, start_relu, skip, train)
+            x = self._remat_block(
+                type(self)._block, x, name, chs, s, block_dilation, start_relu, skip, train
+            )
             if idx < e:
                 feats[name] = x
             elif idx == e + m - 1:

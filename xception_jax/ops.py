@@ -24,7 +24,8 @@ The stem's dense 3x3 convolutions (``conv2d``) and the entry/exit max-pools (``m
 a reference form (``'lax'``: ``conv_general_dilated`` / ``reduce_window``) and a CPU form with a
 hand-written backward: ``'im2col'`` (patches times the flattened kernel, one matmul per
 direction) and ``'taps_vjp'`` (the first maximal tap of each window kept as an int8 index, its
-cotangent placed back by one fused loop). ``DEFAULT_IMPLS`` picks per backend and op.
+cotangent placed back by one fused loop). ``DEFAULT_IMPLS`` picks per platform and op, for the
+platform being compiled for (``default_impl(op, platform)``, ``compiler_options(platform)``).
 
 ``relu`` is ``jax.nn.relu`` with its derivative mask taken from the output. The backward
 passes keep only what they read, behind optimisation barriers, which XLA CPU honours when the
@@ -77,25 +78,50 @@ Padding = str | Sequence[tuple[int, int]]
 _CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str]:
-    """XLA options for jitting a train step on ``backend`` (default: JAX's), for jax.jit."""
-    backend = backend or jax.default_backend()
-    return dict(_CPU_COMPILER_OPTIONS) if backend == "cpu" else {}
+def platform_of(platform: str | None = None) -> str:
+    """The platform to choose for: ``platform`` when given, else JAX's default backend.
+
+    Ahead-of-time compilation (xception_jax.aot) targets another platform than the host's, so
+    every platform-dependent choice takes the target's name rather than reading the host's.
+    """
+    return platform or jax.default_backend()
 
 
-def default_impl(op: str, backend: str | None = None) -> str:
-    """The default implementation of ``op`` ('depthwise', 'conv', 'pool') on ``backend``."""
-    backend = backend or jax.default_backend()
-    return DEFAULT_IMPLS.get(backend, _ACCELERATOR_IMPLS)[op]
+def compiler_options(platform: str | None = None) -> dict[str, str]:
+    """XLA options for jitting a train step for ``platform`` (default: JAX's), for jax.jit.
+
+    The CPU option must not reach a TPU compile: XLA TPU fails on it ("HLO opt-barrier is not
+    implemented on TPU").
+    """
+    return dict(_CPU_COMPILER_OPTIONS) if platform_of(platform) == "cpu" else {}
 
 
-def resolve_impl(op: str, impl: str) -> str:
-    """Map ``'auto'`` to the backend default of ``op`` and validate an explicit name."""
+def default_impl(op: str, platform: str | None = None) -> str:
+    """The default implementation of ``op`` ('depthwise', 'conv', 'pool') on ``platform``."""
+    return DEFAULT_IMPLS.get(platform_of(platform), _ACCELERATOR_IMPLS)[op]
+
+
+def resolve_impl(op: str, impl: str, platform: str | None = None) -> str:
+    """Map ``'auto'`` to ``platform``'s default for ``op`` and validate an explicit name."""
     if impl == "auto":
-        return default_impl(op)
+        return default_impl(op, platform)
     if impl not in IMPLS[op]:
         raise ValueError(f"Unknown {op} impl {impl!r}; use 'auto' or one of {list(IMPLS[op])}.")
     return impl
+
+
+def resolve_impls(fields: dict, platform: str | None = None) -> dict:
+    """``fields`` with each ``<op>_impl`` present resolved for ``platform`` ('auto' -> its default).
+
+    Models are built with resolved names (train.create_model_from_config) so that the ops they
+    trace are the target platform's even when the host is another one.
+    """
+    out = dict(fields)
+    for op in IMPLS:
+        key = f"{op}_impl"
+        if key in out:
+            out[key] = resolve_impl(op, out[key], platform)
+    return out
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:

@@ -28,6 +28,11 @@ def create_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ('cpu', 'tpu', 'gpu', ...) of the mesh's devices: what its programs target."""
+    return mesh.devices.flat[0].platform
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Sharding of parameters and optimizer state: a full copy on every device."""
     return NamedSharding(mesh, PartitionSpec())
