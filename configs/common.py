@@ -103,6 +103,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.max_checkpoints_to_keep = 3
 
+    # A jax.profiler trace of train steps [profile_start_step, profile_start_step +
+    # profile_num_steps) into <workdir>/plugins/profile/ (TensorBoard's profile plugin; local or
+    # gs://). 0 steps: off. Process 0 only, unless profile_all_processes.
+    config.profile_start_step = 10
+    config.profile_num_steps = 0
+    config.profile_all_processes = False
+
     # JAX's persistent compilation cache: a rerun or resume of the same model and shapes loads
     # its compiled steps instead of compiling again. '' turns it off; the environment variable
     # JAX_COMPILATION_CACHE_DIR, when set, wins.

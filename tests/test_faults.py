@@ -129,10 +129,24 @@ def test_sigkill_at_three_moments_then_rerun_equals_the_uninterrupted_run(
     assert "4" not in left and any(d.startswith(os.path.basename(tmp4)) for d in left), left
     # 3. After metrics past the newest checkpoint were written (they must not be duplicated).
     run_until(lambda: 6 in logged_steps(), "kill_after_metrics")
+    # The device-hours spent so far travel with the checkpoints: make them unmistakable.
+    steps = checkpoints.create_manager(workdir, read_only=True).all_steps()
+    for step in steps:
+        path = os.path.join(ckpt_dir, str(step), "meta", "metadata")
+        with open(path) as f:
+            meta = json.load(f)
+        assert meta["device_seconds"] > 0
+        meta["device_seconds"] = 3600e3
+        with open(path, "w") as f:
+            json.dump(meta, f)
 
     final = pool.start(args(workdir), "final")
     assert final.wait(TIMEOUT) == 0, final.log()[-4000:]
-    assert "Resumed from checkpoint" in final.log()
+    assert f"Resumed from checkpoint {steps[-1]}" in final.log()
+    # device_hours continues from the checkpoint's count, not from 0.
+    records = read_metrics(workdir)
+    assert all(r["device_hours"] > 1000 for r in records if r["step"] > steps[-1])
+    assert all(r["device_hours"] < 1 for r in records if r["step"] <= steps[-1])
     assert whole.wait(TIMEOUT) == 0, whole.log()[-4000:]
 
     # Bitwise: every example of every epoch consumed once, in the same order, same rng.

@@ -464,9 +464,10 @@ def _find_undecodable(records_ds, source):
 
 
 def train_iterator(
-    config, start_step=0, *, process_index=None, process_count=None
+    config, start_step=0, stop_step=None, *, process_index=None, process_count=None
 ) -> Iterator[dict]:
-    """Endless per-process training batches {'image': uint8 [B_local,S,S,3], 'label': int32}.
+    """Per-process training batches {'image': uint8 [B_local,S,S,3], 'label': int32} of steps
+    [start_step, stop_step) (endless when stop_step is None).
 
     B_local = config.batch_size // process_count. The sequence is a function of (config.seed,
     epoch); starting at `start_step` yields exactly the batches an uninterrupted iterator yields
@@ -514,7 +515,10 @@ def train_iterator(
 
     ds = records.enumerate(start=start)
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if stop_step is not None:
+        ds = ds.take(max(int(stop_step) - int(start_step), 0))
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     return _numpy_batches(_options(ds), records, source, local_batch)
 
 

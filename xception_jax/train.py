@@ -27,6 +27,7 @@ from xception_jax import (
     pretrained,
     sharding,
     storage,
+    telemetry,
 )
 
 METRICS_FILE = "metrics.jsonl"
@@ -385,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """
     from xception_jax import input_pipeline  # TensorFlow: imported where data is read
 
+    chrono = telemetry.Chrono(len(devices or jax.devices()))
     # Config errors first (nothing read, written or compiled yet), then the dataset.
     config_validation.validate(config, None, workdir, num_devices=len(devices or jax.devices()))
     workdir = os.fspath(storage.path(workdir))  # '~' expanded once, for every writer below.
@@ -408,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state = checkpoints.restore_latest(manager, abstract_state)
     if state is not None:
         logging.info("Resumed from checkpoint %d in %s.", int(state.step), manager.directory)
+        stored = checkpoints.read_meta(manager, int(state.step))
+        chrono.device_seconds_before = stored.get("device_seconds", 0.0)
     else:
         state = init()
         if pretrained.requested(config):  # Fine-tuning: a new run starts from pretrained weights.
@@ -427,89 +431,135 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     log = MetricsLog(workdir, start_step)
 
     p_train_step, p_eval_step = jit_steps(model, tx, config, mesh)
+    # Exactly the remaining steps' batches: the producer thread then ends on its own after the
+    # last one, and shutdown does not wait for it inside tf.data.
     batches = batch_source = input_pipeline.prefetch_to_device(
-        input_pipeline.train_iterator(config, start_step=start_step),
+        input_pipeline.train_iterator(config, start_step=start_step, stop_step=num_steps),
         config.prefetch_batches,
         mesh,
+    )
+    first = next(batches)
+    # Compiled here rather than at the first call: its cost and memory are logged up front.
+    p_train_step = p_train_step.lower(state, first).compile()
+    cost = telemetry.step_cost(p_train_step, config.get("grad_accum_steps", 1))
+    dtype = "bfloat16" if config.half_precision else "float32"
+    peak = telemetry.peak_flops_per_second(mesh.devices.flat[0].device_kind, dtype)
+    logging.info(
+        "Train step per device: %.4g GFLOP (XLA cost analysis); memory: arguments %.1f MB, "
+        "outputs %.1f MB (%.1f MB aliased), temporaries %.1f MB; peak %s.",
+        cost["flops_per_device"] / 1e9,
+        *(cost[k] / 1e6 for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")),
+        f"{peak / 1e12:.0f} TFLOP/s {dtype}" if peak else "unknown (no MFU)",
     )
     if jax.process_count() > 1:
         # Compile every program before the first collective, then wait for the slowest process
         # at a coordination-service barrier: on CPU a collective whose peer arrives more than
         # ~30 s late (still compiling: the compilation cache is per device assignment, so one
         # process can hit it while another compiles) aborts the job (gloo's timeout).
-        first = next(batches)
         eval_batch = input_pipeline.to_global_batch(
             next(iter(input_pipeline.eval_iterator(config))), mesh
         )
-        p_train_step = p_train_step.lower(state, first).compile()
         p_eval_step = p_eval_step.lower(state.params, state.batch_stats, eval_batch).compile()
         sharding.barrier("xception_jax_compiled")
-        batches = itertools.chain([first], batch_source)
+    batches = itertools.chain([first], batch_source)
     stop = preemption.StopSignal()
+    profile = telemetry.ProfileWindow(
+        workdir,
+        config.get("profile_start_step", 0),
+        config.get("profile_num_steps", 0),
+        enabled=config.get("profile_all_processes", False) or jax.process_index() == 0,
+    )
 
     pending, last_log_time, last_log_step = [], time.time(), start_step
     step = start_step
-    while step < num_steps:
-        state, metrics = p_train_step(state, next(batches))
-        step += 1
-        pending.append(metrics)
-        is_last = step == num_steps
-        record = {}
-        if step % config.log_every_steps == 0 or is_last:
-            host = jax.device_get(pending)
-            pending = []
-            if not config.skip_nonfinite_updates:
-                _check_finite([m["finite"] for m in host], step, manager)
-            elapsed = time.time() - last_log_time
-            steps_per_sec = (step - last_log_step) / max(elapsed, 1e-9)
-            record.update(
-                train_loss=float(np.mean([m["loss"] for m in host])),
-                train_accuracy=float(np.mean([m["accuracy"] for m in host])),
-                learning_rate=float(schedule(step - 1)),
-                steps_per_sec=steps_per_sec,
-                images_per_sec=steps_per_sec * config.batch_size,
-                skipped_updates=int(jax.device_get(state.skipped_updates)),
-            )
-            logging.info(
-                "step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  ETA %s",
-                step,
-                num_steps,
-                record["train_loss"],
-                record["train_accuracy"],
-                record["learning_rate"],
-                record["images_per_sec"],
-                _format_eta((num_steps - step) / max(steps_per_sec, 1e-9)),
-            )
-            last_log_time, last_log_step = time.time(), step
-        if step % config.eval_every_steps == 0 or is_last:
-            results = evaluate(p_eval_step, state.params, state.batch_stats, config, mesh)
-            record.update({f"eval_{k}": v for k, v in results.items()})
-            if state.ema_params is not None:
-                ema = evaluate(p_eval_step, state.ema_params, state.batch_stats, config, mesh)
-                record.update({f"eval_ema_{k}": v for k, v in ema.items()})
-            logging.info(
-                "step %d eval: %s",
-                step,
-                "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval_")),
-            )
-            last_log_time = time.time()  # Evaluation time is not training throughput.
-        if record:
-            log.write(step, record)
-        preempted = stop.reached(step)
-        if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-            if not config.skip_nonfinite_updates:
-                # Never checkpoint a state that a non-finite step (not yet logged) poisoned.
-                _check_finite(jax.device_get([m["finite"] for m in pending]), step, manager)
-            checkpoints.save(manager, state, meta, force=True)
-        if preempted:
-            manager.wait_until_finished()
-            logging.warning(
-                "Stopped by a termination signal at step %d; checkpoint %d is complete. "
-                "Run the same command again to resume.",
-                step,
-                step,
-            )
-            break
+    chrono.add("startup", time.time() - chrono.start)
+    try:
+        while step < num_steps:
+            chrono.timed("profile", profile.before_step, step + 1)
+            batch = chrono.timed("input", next, batches)
+            state, metrics = chrono.timed("train", p_train_step, state, batch)
+            step += 1
+            chrono.timed("profile", profile.after_step, step, state)
+            pending.append(metrics)
+            is_last = step == num_steps
+            record = {}
+            if step % config.log_every_steps == 0 or is_last:
+                host = chrono.timed("train", jax.device_get, pending)
+                pending = []
+                if not config.skip_nonfinite_updates:
+                    _check_finite([m["finite"] for m in host], step, manager)
+                elapsed = max(time.time() - last_log_time, 1e-9)
+                steps_per_sec = (step - last_log_step) / elapsed
+                record.update(
+                    train_loss=float(np.mean([m["loss"] for m in host])),
+                    train_accuracy=float(np.mean([m["accuracy"] for m in host])),
+                    learning_rate=float(schedule(step - 1)),
+                    steps_per_sec=steps_per_sec,
+                    images_per_sec=steps_per_sec * config.batch_size,
+                    skipped_updates=int(jax.device_get(state.skipped_updates)),
+                    tflops_per_device=cost["flops_per_device"] * steps_per_sec / 1e12,
+                    input_wait_fraction=chrono.input_wait_fraction(elapsed),
+                    host_rss_bytes=telemetry.host_rss_bytes(),
+                )
+                if peak:  # Never a guess: no MFU on CPU or an unknown device.
+                    record["mfu"] = cost["flops_per_device"] * steps_per_sec / peak
+                device_peak = telemetry.device_peak_bytes()
+                if device_peak is not None:
+                    record["device_peak_bytes"] = device_peak
+                logging.info(
+                    "step %d/%d  loss %.4f  acc %.3f  lr %.4g  %.1f img/s  %.3g TFLOP/s/device"
+                    "  input wait %.0f%%  ETA %s",
+                    step,
+                    num_steps,
+                    record["train_loss"],
+                    record["train_accuracy"],
+                    record["learning_rate"],
+                    record["images_per_sec"],
+                    record["tflops_per_device"],
+                    100 * record["input_wait_fraction"],
+                    _format_eta((num_steps - step) / max(steps_per_sec, 1e-9)),
+                )
+                last_log_time, last_log_step = time.time(), step
+            if step % config.eval_every_steps == 0 or is_last:
+                results = chrono.timed(
+                    "eval", evaluate, p_eval_step, state.params, state.batch_stats, config, mesh
+                )
+                record.update({f"eval_{k}": v for k, v in results.items()})
+                if state.ema_params is not None:
+                    ema = chrono.timed(
+                        "eval", evaluate, p_eval_step, state.ema_params, state.batch_stats,
+                        config, mesh,
+                    )  # fmt: skip
+                    record.update({f"eval_ema_{k}": v for k, v in ema.items()})
+                logging.info(
+                    "step %d eval: %s",
+                    step,
+                    "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval_")),
+                )
+                last_log_time = time.time()  # Evaluation time is not training throughput.
+            if record:
+                record["device_hours"] = chrono.device_seconds() / 3600
+                chrono.timed("logging", log.write, step, record)
+            preempted = stop.reached(step)
+            if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+                if not config.skip_nonfinite_updates:
+                    # Never checkpoint a state that a non-finite step (not yet logged) poisoned.
+                    _check_finite(jax.device_get([m["finite"] for m in pending]), step, manager)
+                meta["device_seconds"] = chrono.device_seconds()
+                chrono.timed("checkpoint", checkpoints.save, manager, state, meta, force=True)
+            if preempted:
+                chrono.timed("checkpoint", manager.wait_until_finished)
+                logging.warning(
+                    "Stopped by a termination signal at step %d; checkpoint %d is complete. "
+                    "Run the same command again to resume.",
+                    step,
+                    step,
+                )
+                break
+    finally:
+        # Also when the run ends or stops inside the window.
+        chrono.timed("profile", profile.close)
+    shutdown = time.time()
     # Stops the prefetch thread now: a daemon thread still inside tf.data when the interpreter
     # exits can abort the process (seen once: "terminate called ... exception not rethrown").
     batch_source.close()
@@ -518,4 +568,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     manager.close()
     log.close()
     sharding.check_replicas_agree(state.params, f"Params at step {step}")
+    chrono.add("shutdown", time.time() - shutdown)
+    _report_time(chrono.summary(), workdir)
     return state
+
+
+SUMMARY_FILE = "time_summary.json"
+
+
+def _report_time(summary: dict, workdir: str) -> None:
+    """Logs where this run's wall time went and writes it to workdir/time_summary.json."""
+    wall = summary["wall_seconds"]
+    seconds = {part: summary[f"{part}_seconds"] for part in telemetry.Chrono.PARTS}
+    parts = "  ".join(
+        f"{part} {s:.1f} s ({100 * s / max(wall, 1e-9):.0f}%)" for part, s in seconds.items()
+    )
+    logging.info(
+        "Wall time %.1f s: %s. Device-hours so far: %.4g.", wall, parts, summary["device_hours"]
+    )
+    if jax.process_index() == 0:
+        storage.write_atomic(storage.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=2))
