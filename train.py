@@ -79,6 +79,27 @@ def main(argv):
     except user_errors as e:
         absl_logging.error("%s: %s", type(e).__name__, e)
         sys.exit(1)
+    exit_without_teardown()
+
+
+def exit_without_teardown() -> None:
+    """Ends a finished run at once, skipping the interpreter's teardown.
+
+    Everything is saved and flushed by now (checkpoints waited for, metrics and events closed).
+    What the teardown would still do costs more than the last checkpoint's save and saves
+    nothing: JAX's atexit handler clears its caches (destroying every MLIR context and
+    compiled program) and Python's final garbage collection walks every object; measured on
+    the main job: 7-10 s after the last eval on 2 loaded cores (py-spy). The one part that
+    matters, leaving a multi-process job in step with its peers, is done here first.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+    absl_logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

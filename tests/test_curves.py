@@ -20,6 +20,7 @@ def _write_run(workdir, residual, seed, accs):
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         for i, step in enumerate(range(10, 10 * (2 * len(accs) + 1), 10)):
             record = {"step": step, "wall_time": step * 0.5 + seed, "train_loss": 2.0 / step}
+            record["device_hours"] = step * 8 * (1 + residual) / 3600  # 8 devices.
             if i % 2:
                 record.update(eval_accuracy=accs[i // 2], eval_loss=float(rng.random()))
             f.write(json.dumps(record) + "\n")
@@ -83,3 +84,22 @@ def test_command_writes_png_svg_and_a_table_with_the_files_numbers(workdirs, tmp
 def test_a_workdir_without_metrics_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         curves.load_run(str(tmp_path))
+
+
+def test_curves_against_device_hours(workdirs, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    groups = curves.group_runs([curves.load_run(w) for w in workdirs])
+    fig = curves.plot(groups, x_axes=("step", "device_hours"))
+    axes = fig.axes
+    assert [ax.get_xlabel() for ax in axes] == ["step", "device-hours"] * 2
+    residual = {g.label: g for g in groups}["residual=True"]
+    steps, hours, *_ = curves.aggregate(residual, "eval_accuracy", "device_hours")
+    np.testing.assert_allclose(hours, steps * 16 / 3600)
+    line = next(ln for ln in axes[3].lines if ln.get_label().startswith("residual=True"))
+    np.testing.assert_allclose(line.get_xdata(), hours)
+    with pytest.raises(ValueError, match="Unknown x axes"):
+        curves.plot(groups, x_axes=("epochs",))
+    curves.main([*workdirs, "--out", str(tmp_path / "c.png"), "--x", "device_hours"])
+    assert Image.open(tmp_path / "c.png").size[0] < Image.open(tmp_path / "c.png").size[1] * 2

@@ -38,12 +38,13 @@ class Run:
     config: dict
     records: list[dict]
 
-    def series(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(steps, wall times, values) of the records that carry `key`."""
+    def series(self, key: str, x: str = "wall_time") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, `x` values, values) of the records that carry `key` (x: a record field such as
+        'wall_time' or 'device_hours'; NaN where a record lacks it)."""
         rows = [r for r in self.records if key in r]
         return (
             np.array([r["step"] for r in rows], np.int64),
-            np.array([r.get("wall_time", np.nan) for r in rows], np.float64),
+            np.array([r.get(x, np.nan) for r in rows], np.float64),
             np.array([r[key] for r in rows], np.float64),
         )
 
@@ -113,13 +114,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return result
 
 
-def aggregate(group: Group, key: str):
-    """(steps, mean wall time, mean, min, max) of `key` over the group's runs.
+def aggregate(group: Group, key: str, x: str = "wall_time"):
+    """(steps, mean of `x`, mean, min, max) of `key` over the group's runs.
 
     Only steps that every run of the group logged are kept (an unfinished run shortens the
     curve rather than making the mean jump where it stops).
     """
-    series = [run.series(key) for run in group.runs]
+    series = [run.series(key, x) for run in group.runs]
     series = [s for s in series if len(s[0])]
     if not series:
         return None
@@ -137,22 +138,35 @@ def aggregate(group: Group, key: str):
     return steps, times.mean(0), values.mean(0), values.min(0), values.max(0)
 
 
-def plot(groups: list[Group], log_loss: bool = False, title: str | None = None):
-    """A 2x2 matplotlib figure: train loss / eval accuracy against step / wall time."""
+X_AXES = {"step": "step", "wall_time": "wall time (s)", "device_hours": "device-hours"}
+
+
+def plot(
+    groups: list[Group],
+    log_loss: bool = False,
+    title: str | None = None,
+    x_axes: tuple[str, ...] = ("step", "wall_time"),
+):
+    """A matplotlib figure: rows train loss / eval accuracy, one column per x axis of `x_axes`
+    (keys of X_AXES: step, wall time, device-hours)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
+    unknown = [x for x in x_axes if x not in X_AXES]
+    if unknown:
+        raise ValueError(f"Unknown x axes {unknown}; choose from {sorted(X_AXES)}.")
+    width = len(x_axes)
+    fig, axes = plt.subplots(2, width, figsize=(5.5 * width, 7.5), sharey="row", squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     panels = (("train_loss", "train loss"), ("eval_accuracy", "eval accuracy"))
     for row, (key, name) in enumerate(panels):
-        for col, xname in enumerate(("step", "wall time (s)")):
-            ax = axes[row][col]
+        for col, x_key in enumerate(x_axes):
+            ax, xname = axes[row][col], X_AXES[x_key]
             for i, group in enumerate(groups):
-                agg = aggregate(group, key)
+                agg = aggregate(group, key, "wall_time" if x_key == "step" else x_key)
                 if agg is None:
                     continue
-                steps, times, mean, lo, hi = agg
-                x = steps if col == 0 else times
+                steps, xs, mean, lo, hi = agg
+                x = steps if x_key == "step" else xs
                 n = len(group.runs)
                 label = f"{group.label} ({n} seeds)" if n > 1 else group.label
                 color = colors[i % len(colors)]
@@ -252,6 +266,11 @@ def main(argv=None) -> None:
     parser.add_argument("--log_loss", action="store_true", help="Log-scale train loss axes.")
     parser.add_argument("--table", help="Also write the markdown table to this file.")
     parser.add_argument("--title", help="Figure title.")
+    parser.add_argument(
+        "--x",
+        default="step,wall_time",
+        help=f"Comma-separated x axes, one column each: {', '.join(X_AXES)}.",
+    )
     args = parser.parse_args(argv)
     named = [("--out", args.out), ("--table", args.table)] + [("workdir", w) for w in args.workdirs]
     errors = storage.unsupported(named)  # Before reading anything.
@@ -264,7 +283,7 @@ def main(argv=None) -> None:
             raise FileNotFoundError(f"No workdir matches {pattern!r}.")
         workdirs += matches
     groups = group_runs([load_run(w) for w in workdirs])
-    fig = plot(groups, log_loss=args.log_loss, title=args.title)
+    fig = plot(groups, log_loss=args.log_loss, title=args.title, x_axes=tuple(args.x.split(",")))
     paths = save(fig, args.out)
     md = table(groups)
     print(md)
