@@ -147,3 +147,33 @@ def test_not_a_safetensors_file_and_unknown_variant(tmp_path):
         timm_weights.load(str(path), "xception41")
     with pytest.raises(ValueError, match="timm variants"):
         timm_weights.load(str(path), "xception_tiny")
+
+
+def test_init_from_timm_fills_the_backbone(xception41_file):
+    """config.init_from_timm: every variable but the classifier from the file (fine-tuning)."""
+    from configs import common
+    from xception_jax import config_validation, pretrained, train
+
+    config = common.base_config()
+    config.model.name = "xception41"
+    config.init_from_timm = str(xception41_file)
+    assert config_validation.pretrained_errors(config) == []
+    model = train.create_model_from_config(config, num_classes=3)  # Another number of classes.
+    fresh = jax.device_get(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3))))
+    merged = pretrained.merge(fresh, pretrained.load_backbone(config), "the timm file")
+    loaded = timm_weights.load(str(xception41_file), "xception41")
+    np.testing.assert_array_equal(
+        merged["params"]["block7_sepconv2"]["pointwise"]["kernel"],
+        loaded["params"]["block7_sepconv2"]["pointwise"]["kernel"],
+    )
+    np.testing.assert_array_equal(
+        merged["batch_stats"]["block1_conv1_bn"]["var"],
+        loaded["batch_stats"]["block1_conv1_bn"]["var"],
+    )
+    assert merged["params"]["predictions"]["kernel"].shape == (2048, 3)  # Fresh, 3 classes.
+
+    config.model.name = "xception"
+    config.init_from_keras = "/elsewhere/x.h5"
+    errors = " ".join(config_validation.pretrained_errors(config))
+    assert "Set only one of config.init_from_keras, config.init_from_timm" in errors
+    assert "config.init_from_timm needs config.model.name to be the file's timm variant" in errors
