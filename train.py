@@ -13,6 +13,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from xception_jax.cli import parse_flags
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -37,31 +39,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _quiet_orbax(record: logging.LogRecord) -> bool:
     """Drops orbax's per-save INFO lines (a dozen per checkpoint), keeps its warnings."""
     return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
-def parse_flags(argv):
-    """absl's parsing, with a one-line error for a --config.<field> that does not exist.
-
-    config_flags raises a bare KeyError/AttributeError (with a traceback) for a misspelled
-    field, e.g. --config.modle.name=x; the config is locked, so typos never pass silently.
-    """
-    try:
-        return FLAGS(argv)
-    except (KeyError, AttributeError) as e:
-        message = e
-        while isinstance(message, BaseException) and message.args:
-            message = message.args[0]  # AttributeError wraps the KeyError that has the text.
-        message = str(message).replace("\n", ". ")
-        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-        sys.stderr.write(
-            f"FATAL Flags parsing error: a --config override names a field that does not exist: "
-            f"{message}\n  Overrides given: {overrides}\n  Every field is listed in "
-            "configs/common.py (model fields in xception_jax/models.py).\n"
-        )
-        sys.exit(1)
-    except flags.Error as e:
-        sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull.\n")
-        sys.exit(1)
 
 
 def main(argv):
