@@ -46,6 +46,8 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS):
 
 def tool_help(flag_values: flags.FlagValues, doc: str) -> str:
     """--help text of a tool: its docstring (first line and usage example) and its flags."""
+    if flag_values is FLAGS:  # The global flags: only those of the program's own module.
+        return doc.strip() + "\n\nFlags:\n" + flag_values.main_module_help()
     return doc.strip() + "\n\nFlags:\n" + flag_values.get_help(include_special_flags=False)
 
 
@@ -65,7 +67,13 @@ def parse_tool_flags(
         print(tool_help(flag_values, doc))
         sys.exit(0)
     flag_values.unparse_flags()
-    args = parse_flags(argv, flag_values)[1:]
+    # ml_collections' config flags find their --config.<field> overrides in sys.argv, not in
+    # the argv parsed: an in-process main(argv) must show them its argv.
+    saved, sys.argv = sys.argv, argv
+    try:
+        args = parse_flags(argv, flag_values)[1:]
+    finally:
+        sys.argv = saved
     if positional and not args:
         sys.stderr.write(
             f"FATAL Flags parsing error: give at least one {positional} (positional argument)."
@@ -95,6 +103,8 @@ def run_tool(
         return parse_tool_flags(flag_values, full_argv, doc, positional)
 
     if argv is None:
-        app.run(run, argv=[program, *sys.argv[1:]], flags_parser=parser)
+        # app.run exits with main's return value: a tool's result (e.g. a TFDS builder) must
+        # not become the exit status.
+        app.run(lambda args: run(args) and None, argv=[program, *sys.argv[1:]], flags_parser=parser)
         return None
     return run(parser([program, *argv]))
