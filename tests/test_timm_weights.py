@@ -177,3 +177,24 @@ def test_init_from_timm_fills_the_backbone(xception41_file):
     errors = " ".join(config_validation.pretrained_errors(config))
     assert "Set only one of config.init_from_keras, config.init_from_timm" in errors
     assert "config.init_from_timm needs config.model.name to be the file's timm variant" in errors
+
+
+def test_predict_with_timm_weights(xception41_file, tmp_path, capsys):
+    from PIL import Image
+
+    from xception_jax import predict
+
+    image = tmp_path / "noise.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image)
+    argv = ["--timm_weights", str(xception41_file), "--model", "xception41", "--image_size", "32"]
+    predict.main([*argv, "--top_k", "3", str(image)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(image) and len(out) == 4
+    model, variables = timm_weights.load_model(str(xception41_file), "xception41")
+    apply = jax.jit(functools.partial(model.apply, train=False))
+    logits = apply(variables, predict.load_images([str(image)], 32) / 127.5 - 1.0)
+    assert out[1].split()[-1] == str(int(np.argmax(logits)))  # 10 classes: labels are indices.
+    with pytest.raises(SystemExit):
+        predict.main(["--timm_weights", str(xception41_file), str(image)])  # No --model.
+    assert "--timm_weights needs --model" in capsys.readouterr().err
