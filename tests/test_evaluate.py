@@ -106,3 +106,24 @@ def test_bad_flags_are_named(argv, message, capsys):
         evaluate.main(argv)
     assert exit_.value.code == 1
     assert message in capsys.readouterr().err
+
+
+def test_split_flag_and_export_of_the_workdir(tiny_run, tmp_path, capsys):
+    from jax import export as jax_export
+
+    from xception_jax import checkpoints, export
+
+    result = evaluate.main(["--workdir", tiny_run, "--split", "train"])
+    assert result["count"] == 1347 and result["split"] == "train"  # The digits' train split.
+
+    out = str(tmp_path / "model.jaxexport")
+    export.main(["--workdir", tiny_run, "--out", out, "--platforms", "cpu"])
+    with open(out, "rb") as f:
+        exported = jax_export.deserialize(f.read())
+    with open(out + ".json") as f:
+        meta = json.load(f)
+    model, variables, config = checkpoints.load(tiny_run)
+    assert meta["image_size"] == config.image_size and len(meta["class_names"]) == 10
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    ref = model.apply(variables, (images / 127.5 - 1.0).astype(np.float32))
+    np.testing.assert_allclose(np.asarray(exported.call(images)), ref, rtol=1e-5, atol=1e-5)
