@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     # pretrained weights, every variable but the classifier ('predictions', fresh for the
     # dataset's classes); ignored when the workdir has a checkpoint (the run resumes instead).
     config.init_from_keras = ml_collections.config_dict.placeholder(str)  # Keras .h5 file.
+    # timm .safetensors file of the variant config.model.name names: xception41 / 65 / 71 or
+    # legacy_xception (xception_jax.timm_weights).
+    config.init_from_timm = ml_collections.config_dict.placeholder(str)
     config.init_from_workdir = ml_collections.config_dict.placeholder(str)  # A run's workdir.
     # Train only the classifier for this many steps (0: never freeze). Meanwhile the backbone
     # runs in inference mode: parameters and BatchNorm statistics stay exactly as loaded.

@@ -7,7 +7,9 @@ From Keras's ImageNet weights (the file with or without top: the classifier is r
         --config.image_folder=/path/to/root            # <root>/{train,test}/<class>/<image>
 
 A TFDS dataset instead of a folder: --config.dataset=oxford_flowers102 --config.data_dir=...
---config.eval_split=validation. From another run's checkpoint instead of a Keras file:
+--config.eval_split=validation. From timm's weights instead of Keras's:
+--config.init_from_timm=model.safetensors --config.model.name=xception65 (the file's variant).
+From another run's checkpoint instead of a Keras file:
 --config.init_from_workdir=runs/default (and that run's model fields, e.g.
 --config.model.name=xception_tiny --config.image_size=48).
 
@@ -28,7 +30,7 @@ def get_config():
     config.model.bn_momentum = 0.99  # Keras's; the loaded statistics move slowly.
     config.model.dropout_rate = 0.2
 
-    config.init_from_keras = None  # Required (or init_from_workdir): a Keras .h5 file.
+    config.init_from_keras = None  # Required (or init_from_timm / _workdir): a Keras .h5 file.
     config.init_from_workdir = None
     config.freeze_backbone_steps = 300
 

@@ -15,6 +15,7 @@ PATH_FIELDS = (
     "manual_dir",
     "image_folder",
     "init_from_keras",
+    "init_from_timm",
     "init_from_workdir",
     "compilation_cache_dir",
 )
@@ -159,19 +160,29 @@ def path_errors(config: ml_collections.ConfigDict, workdir: str | None = None) -
 
 
 def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
-    """Fine-tuning fields: a source that exists, and no frozen backbone without one."""
-    keras_file, workdir = config.get("init_from_keras"), config.get("init_from_workdir")
+    """Fine-tuning fields: one source that exists, and no frozen backbone without one."""
+    from xception_jax import pretrained, timm_weights
+
+    given = {f: config.get(f) for f in pretrained.SOURCE_FIELDS if config.get(f)}
     errors = []
-    if keras_file and workdir:
-        errors.append("Set only one of config.init_from_keras and config.init_from_workdir.")
-    for field, path in (("init_from_keras", keras_file), ("init_from_workdir", workdir)):
-        if path and not storage.exists(path):
+    if len(given) > 1:
+        errors.append(
+            f"Set only one of {', '.join('config.' + f for f in pretrained.SOURCE_FIELDS)} "
+            f"(set: {', '.join(given)})."
+        )
+    for field, path in given.items():
+        if not storage.exists(path):
             errors.append(f"config.{field}={path!r} does not exist.")
-    if config.get("freeze_backbone_steps", 0) > 0 and not (keras_file or workdir):
+    if given.get("init_from_timm") and config.model.name not in timm_weights.VARIANTS:
+        errors.append(
+            f"config.init_from_timm needs config.model.name to be the file's timm variant, one "
+            f"of {list(timm_weights.VARIANTS)}; got {config.model.name!r}."
+        )
+    if config.get("freeze_backbone_steps", 0) > 0 and not given:
         errors.append(
             f"config.freeze_backbone_steps={config.freeze_backbone_steps} would freeze a randomly "
-            "initialised backbone: set config.init_from_keras or config.init_from_workdir, or "
-            "freeze_backbone_steps=0 to train from scratch."
+            "initialised backbone: set config.init_from_keras, config.init_from_timm or "
+            "config.init_from_workdir, or freeze_backbone_steps=0 to train from scratch."
         )
     return errors
 

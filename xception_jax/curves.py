@@ -1,19 +1,21 @@
 """Training curves of any set of workdirs, grouped over seeds, and a table of eval accuracies.
 
+Usage: python -m xception_jax.curves WORKDIR... --out curves.png [--log_loss] [--table t.md]
+
     python -m xception_jax.curves runs/sweep/*/seed* --out curves.png [--log_loss] [--table t.md]
     python -m xception_jax.curves "gs://bucket/sweep/*/seed*" --out gs://bucket/sweep/curves.png
+    python -m xception_jax.curves runs/sweep/*/seed* --out cost.png --x step,device_hours
 
 Reads `metrics.jsonl` and `config.json` of each workdir. Runs whose configs differ only in
 `seed` form one group, drawn as the mean over its runs with a min-max band; groups are labelled
-with the config fields that differ between them. Writes a 2x2 figure (train loss and eval
-accuracy, against step and against wall time) as PNG and SVG, and prints a markdown table of
+with the config fields that differ between them. Writes a figure (train loss and eval
+accuracy, against each axis of --x: step, wall time and/or device-hours) as PNG and SVG, and prints a markdown table of
 the final and best eval accuracy of every run, numbers taken as they are from the metrics files
 (rounded for display only). Importable: `load_run`, `group_runs`, `plot`, `table`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -21,13 +23,31 @@ import os
 import sys
 
 import numpy as np
+from absl import flags
 from flax import traverse_util
 
-from xception_jax import storage
+from xception_jax import cli, storage
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 SEED_FIELD = "seed"
+
+# Positional arguments: the workdirs (local or gs://); '*' patterns are expanded here (a shell
+# cannot expand gs:// ones).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string(
+    "out", None, "PNG to write, local or gs:// (an .svg is written too).", flag_values=FLAGS
+)
+flags.DEFINE_bool("log_loss", False, "Log-scale train loss axes.", flag_values=FLAGS)
+flags.DEFINE_string("table", None, "Also write the markdown table to this file.", flag_values=FLAGS)
+flags.DEFINE_string("title", None, "Figure title.", flag_values=FLAGS)
+flags.DEFINE_list(
+    "x",
+    ["step", "wall_time"],
+    "x axes, one column each: step, wall_time, device_hours.",
+    flag_values=FLAGS,
+)
+flags.mark_flag_as_required("out", flag_values=FLAGS)
 
 
 @dataclasses.dataclass
@@ -248,49 +268,43 @@ def save(fig, out: str) -> list[str]:
     return paths
 
 
-def main(argv=None) -> None:
-    """Command line: see the module docstring."""
+def _run(workdirs: list[str]) -> None:
+    """Expands the workdir patterns, plots, writes the figure and the table."""
     import matplotlib
 
     matplotlib.use("Agg")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "workdirs",
-        nargs="+",
-        help="Training workdirs (with metrics.jsonl), local or gs://; '*' patterns are expanded "
-        "here (a shell cannot expand gs:// ones).",
-    )
-    parser.add_argument(
-        "--out", required=True, help="PNG to write, local or gs:// (an .svg is written too)."
-    )
-    parser.add_argument("--log_loss", action="store_true", help="Log-scale train loss axes.")
-    parser.add_argument("--table", help="Also write the markdown table to this file.")
-    parser.add_argument("--title", help="Figure title.")
-    parser.add_argument(
-        "--x",
-        default="step,wall_time",
-        help=f"Comma-separated x axes, one column each: {', '.join(X_AXES)}.",
-    )
-    args = parser.parse_args(argv)
-    named = [("--out", args.out), ("--table", args.table)] + [("workdir", w) for w in args.workdirs]
+    named = [("--out", FLAGS.out), ("--table", FLAGS.table)] + [("workdir", w) for w in workdirs]
     errors = storage.unsupported(named)  # Before reading anything.
+    errors += [
+        f"--x: unknown axis {x!r}; choose from {sorted(X_AXES)}."
+        for x in FLAGS.x
+        if x not in X_AXES
+    ]
     if errors:
-        parser.error("\n".join(errors))
-    workdirs = []
-    for pattern in args.workdirs:
+        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
+        sys.exit(1)
+    expanded = []
+    for pattern in workdirs:
         matches = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
             raise FileNotFoundError(f"No workdir matches {pattern!r}.")
-        workdirs += matches
-    groups = group_runs([load_run(w) for w in workdirs])
-    fig = plot(groups, log_loss=args.log_loss, title=args.title, x_axes=tuple(args.x.split(",")))
-    paths = save(fig, args.out)
+        expanded += matches
+    groups = group_runs([load_run(w) for w in expanded])
+    fig = plot(groups, log_loss=FLAGS.log_loss, title=FLAGS.title, x_axes=tuple(FLAGS.x))
+    paths = save(fig, FLAGS.out)
     md = table(groups)
     print(md)
-    if args.table:
-        storage.write_atomic(args.table, md)
-        paths.append(args.table)
+    if FLAGS.table:
+        storage.write_atomic(FLAGS.table, md)
+        paths.append(FLAGS.table)
     print("Wrote " + ", ".join(paths), file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    """Command line (see the module docstring); `argv` without the program name."""
+    cli.run_tool(
+        _run, FLAGS, __doc__, argv, program="python -m xception_jax.curves", positional="workdir"
+    )
 
 
 if __name__ == "__main__":

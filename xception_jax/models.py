@@ -29,6 +29,7 @@ from xception_jax.layers import BatchNorm, Conv, PointwiseConv, SeparableConv, g
 Dtype = Any
 
 POOLINGS = ("avg", "max", None)
+POOL_PADDINGS = ("SAME", "symmetric")
 
 
 def preprocess(images: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
@@ -206,7 +207,11 @@ class Xception(_XceptionBase):
       min_input_size: smallest accepted height/width (Keras: 71).
       remat: recompute separable convs' inner activations in the backward pass (less memory).
       remat_blocks: recompute every block from its input in the backward pass (least memory).
+      pool_padding: the max-pools' padding, 'SAME' (TensorFlow's, as Keras: (0, 1) on an even
+        size) or 'symmetric' (1 on every side, as PyTorch and timm's ``legacy_xception``).
     """
+
+    pool_padding: str = "SAME"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -243,6 +248,15 @@ class Xception(_XceptionBase):
         out = self._head(x, train, feats)
         return feats if return_features else out
 
+    def _pool_pads(self):
+        """The max-pools' padding argument for ``ops.max_pool``."""
+        if self.pool_padding not in POOL_PADDINGS:
+            raise ValueError(
+                f"pool_padding must be one of {POOL_PADDINGS}, got {self.pool_padding!r}."
+            )
+        # The two differ only where TF's 'SAME' pads unevenly: an even size (74 at 299 px).
+        return "SAME" if self.pool_padding == "SAME" else ((1, 1), (1, 1))
+
     def _middle_block(self, x, block: int, train: bool):
         """3 x (ReLU, sep 728, BN) + identity shortcut."""
         y = x
@@ -267,7 +281,7 @@ class Xception(_XceptionBase):
                 y = ops.relu(y)
             y = self._sep(ch, f"block{block}_sepconv{j}")(y, train)
             y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
-        y = ops.max_pool(y, 3, strides=2, padding="SAME", impl=self.pool_impl)
+        y = ops.max_pool(y, 3, strides=2, padding=self._pool_pads(), impl=self.pool_impl)
         if not self.residual:
             return y
         return y + self._shortcut(shortcut, chs[-1], 2, f"block{block}", train)
@@ -381,6 +395,9 @@ VARIANTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
             "entry_blocks": ((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)),
         },
     ),
+    # timm's legacy_xception (Cadene's port of Keras's weights): Keras's model with PyTorch's
+    # BatchNorm epsilon and max-pool padding (FINDINGS "Independent references").
+    "legacy_xception": (Xception, {"bn_epsilon": 1e-5, "pool_padding": "symmetric"}),
 }
 
 

@@ -1,14 +1,16 @@
-"""Classify image files with a trained workdir or a Keras Xception weight file.
+"""Classify image files with a trained workdir, a Keras or a timm Xception weight file.
 
-    python -m xception_jax.predict --workdir runs/default img1.png img2.jpg [--top_k 5]
+Usage: python -m xception_jax.predict --workdir runs/default img1.png img2.jpg [--top_k 5]
+
     python -m xception_jax.predict --keras_weights xception_weights_tf_dim_ordering_tf_kernels.h5 \
         cat.jpg
+    python -m xception_jax.predict --timm_weights model.safetensors --model xception65 cat.jpg
 
 Images of any size and format that TensorFlow decodes (JPEG, PNG, BMP, GIF) go through the
 evaluation preprocessing of the input pipeline (`input_pipeline.preprocess_eval`: central crop
 of 87.5% of each side, bilinear resize), so a prediction sees what the evaluation saw. Labels
-are the dataset's class names for a workdir; for a 1000-class Keras file, the ImageNet names
-(in the order of `keras.applications`' and TFDS imagenet2012's labels).
+are the dataset's class names for a workdir; for a 1000-class Keras or timm file, the ImageNet
+names (in the order of `keras.applications`', timm's and TFDS imagenet2012's labels).
 """
 
 from __future__ import annotations
@@ -22,10 +24,32 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from xception_jax import models, storage
+from xception_jax import cli, models, storage
 
 KERAS_IMAGE_SIZE = 299
+TIMM_IMAGE_SIZE = 299  # timm's default input size for all four Xception variants.
+
+# Positional arguments: the image files (JPEG, PNG, BMP, GIF), local or gs://.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string(
+    "workdir", None, "A training workdir (its newest checkpoint).", flag_values=FLAGS
+)
+flags.DEFINE_string("keras_weights", None, "A Keras Xception .h5 weight file.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "timm_weights", None, "A timm .safetensors weight file (with --model).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "model",
+    None,
+    "The timm variant of --timm_weights: xception41, xception65, xception71, legacy_xception.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer("top_k", 5, "Labels to print per image.", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", flag_values=FLAGS)
+flags.DEFINE_bool("ema", False, "Use the Polyak-averaged weights.", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", None, "Override the model's input size.", flag_values=FLAGS)
 
 
 @functools.cache
@@ -164,56 +188,77 @@ def eval_examples(config, num: int) -> tuple[list[bytes], list[int]]:
     return [ex[image_key] for ex in examples], [int(ex[label_key]) for ex in examples]
 
 
-def load_for_prediction(workdir=None, keras_weights=None, step=None, ema=False):
-    """(model, variables, class_names, image_size) from a workdir or a Keras weight file."""
-    if bool(workdir) == bool(keras_weights):
-        raise ValueError("Give exactly one of --workdir and --keras_weights.")
+def load_for_prediction(
+    workdir=None, keras_weights=None, step=None, ema=False, timm_weights=None, model_name=None
+):
+    """(model, variables, class_names, image_size) from a workdir, a Keras or a timm file.
+
+    `model_name`: the timm variant of `timm_weights` (xception41/65/71, legacy_xception).
+    """
+    if sum(map(bool, (workdir, keras_weights, timm_weights))) != 1:
+        raise ValueError("Give exactly one of --workdir, --keras_weights and --timm_weights.")
     if workdir:
         from xception_jax import checkpoints
 
         model, variables, config = checkpoints.load(workdir, step=step, ema=ema)
         return model, variables, config.class_names, int(config.image_size)
-    from xception_jax import keras_weights as kw
+    if timm_weights:
+        from xception_jax import timm_weights as tw
 
-    model, variables = kw.load_model(keras_weights)
+        if not model_name:
+            raise ValueError(f"--timm_weights needs --model, one of {list(tw.VARIANTS)}.")
+        model, variables = tw.load_model(timm_weights, model_name)
+        source, size = timm_weights, TIMM_IMAGE_SIZE
+    else:
+        from xception_jax import keras_weights as kw
+
+        model, variables = kw.load_model(keras_weights)
+        source, size = keras_weights, KERAS_IMAGE_SIZE
     if not model.include_top:
         raise ValueError(
-            f"{keras_weights} has no classifier (a _notop file): it cannot classify; use the "
-            "file with top, or fine-tune it (configs/finetune.py)."
+            f"{source} has no classifier (a _notop / headless file): it cannot classify; use "
+            "the file with top, or fine-tune it (configs/finetune.py)."
         )
     names = imagenet_class_names() if model.num_classes == 1000 else None
-    return model, variables, names, KERAS_IMAGE_SIZE
+    return model, variables, names, size
 
 
-def main(argv=None) -> None:
-    """Command line: see the module docstring."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("images", nargs="+", help="Image files (JPEG, PNG, BMP, GIF).")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="A training workdir (its newest checkpoint).")
-    source.add_argument("--keras_weights", help="A Keras Xception .h5 weight file.")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--step", type=int, help="Checkpoint step (default: the newest).")
-    parser.add_argument("--ema", action="store_true", help="Use the Polyak-averaged weights.")
-    parser.add_argument("--image_size", type=int, help="Override the model's input size.")
-    args = parser.parse_args(argv)
-    named = [("--workdir", args.workdir), ("--keras_weights", args.keras_weights)]
-    errors = storage.unsupported(named + [("image", image) for image in args.images])
+def _run(images: list[str]) -> None:
+    """Loads the model the flags name and prints the top labels of every image."""
+    named = [
+        ("--workdir", FLAGS.workdir),
+        ("--keras_weights", FLAGS.keras_weights),
+        ("--timm_weights", FLAGS.timm_weights),
+    ]
+    errors = storage.unsupported(named + [("image", image) for image in images])
     if errors:
-        parser.error("\n".join(errors))
-    model, variables, names, image_size = load_for_prediction(
-        args.workdir, args.keras_weights, args.step, args.ema
-    )
-    results = predict(
-        args.images, model, variables, names, args.image_size or image_size, args.top_k
-    )
-    for path, top in zip(args.images, results, strict=True):
+        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
+        sys.exit(1)
+    try:
+        model, variables, names, image_size = load_for_prediction(
+            FLAGS.workdir,
+            FLAGS.keras_weights,
+            FLAGS.step,
+            FLAGS.ema,
+            FLAGS.timm_weights,
+            FLAGS.model,
+        )
+    except ValueError as e:  # A flag combination or weight file that cannot work: say why.
+        sys.stderr.write(f"FATAL {e}\n")
+        sys.exit(1)
+    results = predict(images, model, variables, names, FLAGS.image_size or image_size, FLAGS.top_k)
+    for path, top in zip(images, results, strict=True):
         print(path)
         for label, p in top:
             print(f"  {p:7.4f}  {label}")
     sys.stdout.flush()
+
+
+def main(argv=None) -> None:
+    """Command line (see the module docstring); `argv` without the program name."""
+    cli.run_tool(
+        _run, FLAGS, __doc__, argv, program="python -m xception_jax.predict", positional="image"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Prepares a TFDS dataset ahead of training (download_and_prepare through the Python API).
 
+Usage: python -m xception_jax.prepare_data --dataset imagenet2012 --data_dir D --manual_dir M
+
 ImageNet from the two ILSVRC2012 tars:
 
     python -m xception_jax.prepare_data --dataset imagenet2012 \\
@@ -15,41 +17,48 @@ Both directories may be local or gs:// (a pod's hosts then read the one copy):
         --data_dir gs://my-bucket/tfds --manual_dir gs://my-bucket/ilsvrc2012
 """
 
-import argparse
 import sys
 import time
 
-from xception_jax import storage
+from absl import flags
+
+from xception_jax import cli, storage
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("dataset", "imagenet2012", "TFDS name, e.g. imagenet2012.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "data_dir", None, "TFDS data dir, local or gs:// (TFDS default if unset).", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "manual_dir",
+    None,
+    "Directory with manually downloaded files (imagenet2012: the two ILSVRC2012 tars).",
+    flag_values=FLAGS,
+)
 
 
-def main(argv=None):
-    """Parses the flags, prepares the dataset and prints its splits."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="imagenet2012", help="TFDS name, e.g. imagenet2012")
-    parser.add_argument(
-        "--data_dir", default=None, help="TFDS data dir, local or gs:// (TFDS default if unset)"
-    )
-    parser.add_argument(
-        "--manual_dir",
-        default=None,
-        help="directory with manually downloaded files (imagenet2012: the two ILSVRC2012 tars)",
-    )
-    args = parser.parse_args(argv)
-
+def _run(args: list[str]):
+    """Prepares the dataset the flags name and prints its splits; returns the TFDS builder."""
+    if args:
+        sys.stderr.write(f"FATAL Unexpected arguments: {args} (every option is a --flag).\n")
+        sys.exit(1)
     from xception_jax import input_pipeline  # imports TensorFlow: after --help
 
     start = time.time()
-    builder = input_pipeline.prepare_dataset(args.dataset, args.data_dir, args.manual_dir)
+    try:
+        builder = input_pipeline.prepare_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
+    except (FileNotFoundError, storage.UnsupportedPathError) as err:
+        # e.g. ImageNet's tars missing: the message says what to do.
+        sys.exit(f"error: {err}")
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-    print(f"{args.dataset} ready in {builder.data_dir} ({time.time() - start:.1f} s): {splits}")
+    print(f"{FLAGS.dataset} ready in {builder.data_dir} ({time.time() - start:.1f} s): {splits}")
     return builder
 
 
+def main(argv=None):
+    """Command line (see the module docstring); `argv` without the program name."""
+    return cli.run_tool(_run, FLAGS, __doc__, argv, program="python -m xception_jax.prepare_data")
+
+
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (
-        FileNotFoundError,
-        storage.UnsupportedPathError,
-    ) as err:  # e.g. ImageNet's tars missing: the message says what to do
-        sys.exit(f"error: {err}")
+    main()

@@ -4,6 +4,8 @@ Sources (config fields, see configs/common.py and configs/finetune.py):
 - `config.init_from_keras`: a Keras Xception weight file (the ImageNet
   `xception_weights_tf_dim_ordering_tf_kernels[_notop].h5`, or any file `keras_weights` reads);
   the model must be the full `xception` (same widths and middle-flow depth as the file);
+- `config.init_from_timm`: timm's `.safetensors` weights of the variant `config.model.name`
+  names (`xception41`, `xception65`, `xception71` or `legacy_xception`; `timm_weights`);
 - `config.init_from_workdir`: the newest checkpoint of another run (any model; it must match).
 
 Every variable of the model except the classifier (`optim.HEAD_MODULES`, i.e. 'predictions')
@@ -30,25 +32,32 @@ from flax import traverse_util
 
 from xception_jax import optim, storage
 
+# The config fields that name a pretrained source (at most one may be set), and its kind.
+SOURCE_FIELDS = {
+    "init_from_keras": "Keras file",
+    "init_from_timm": "timm file",
+    "init_from_workdir": "workdir",
+}
+
 
 def requested(config: ml_collections.ConfigDict) -> bool:
     """Whether the config asks to start from pretrained weights."""
-    return bool(config.get("init_from_keras")) or bool(config.get("init_from_workdir"))
+    return any(config.get(field) for field in SOURCE_FIELDS)
 
 
 def source_of(config: ml_collections.ConfigDict) -> str:
     """A description of the pretrained source, checked to exist."""
-    keras_file, workdir = config.get("init_from_keras"), config.get("init_from_workdir")
-    if keras_file and workdir:
+    given = {field: config.get(field) for field in SOURCE_FIELDS if config.get(field)}
+    if len(given) > 1:
         raise ValueError(
-            "Set only one of config.init_from_keras and config.init_from_workdir (both are set: "
-            f"{keras_file!r}, {workdir!r})."
+            f"Set only one of {', '.join('config.' + f for f in SOURCE_FIELDS)} (set: "
+            + ", ".join(f"{f}={p!r}" for f, p in given.items())
+            + ")."
         )
-    path = keras_file or workdir
+    ((field, path),) = given.items()
     if not storage.exists(path):
-        field = "init_from_keras" if keras_file else "init_from_workdir"
         raise FileNotFoundError(f"config.{field}={path!r} does not exist.")
-    return f"Keras file {keras_file}" if keras_file else f"workdir {workdir}"
+    return f"{SOURCE_FIELDS[field]} {path}"
 
 
 def load_backbone(config: ml_collections.ConfigDict) -> dict:
@@ -57,6 +66,10 @@ def load_backbone(config: ml_collections.ConfigDict) -> dict:
         from xception_jax import keras_weights
 
         variables = keras_weights.load(config.init_from_keras, include_top=False)
+    elif config.get("init_from_timm"):
+        from xception_jax import timm_weights
+
+        variables = timm_weights.load(config.init_from_timm, config.model.name, include_top=False)
     else:
         from xception_jax import checkpoints
 
@@ -98,7 +111,8 @@ def merge(fresh: dict, pretrained: dict, source: str = "the pretrained weights")
             f"config.model does not fit {source} ({len(problems)} problems; e.g. "
             + "; ".join(problems[:5])
             + "). For a Keras file use config.model.name='xception' with the default widths "
-            "and residual=True; for a workdir the same model fields as that run."
+            "and residual=True; for a timm file the name of its variant; for a workdir the same "
+            "model fields as that run."
         )
     return merged
 

@@ -1,5 +1,7 @@
 """Ablation sweeps: run named sets of config variants, one workdir per variant and seed.
 
+Usage: python -m xception_jax.sweep --config configs/default.py --sweep residual --sweep_dir D
+
     python -m xception_jax.sweep --config configs/default.py --sweep residual \
         --sweep_dir runs/sweep_residual --seeds 3 [--dry_run] [--config.x=y ...]
 
@@ -26,7 +28,7 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from xception_jax import storage
+from xception_jax import cli, storage
 
 # name -> list of (variant name, {dotted config field: value}).
 SWEEPS: dict[str, list[tuple[str, dict]]] = {
@@ -239,4 +241,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    # cli's parsing: --help exits 0 with the usage example; a wrong flag exits 1.
+    app.run(main, flags_parser=lambda argv: [argv[0], *cli.parse_tool_flags(FLAGS, argv, __doc__)])
