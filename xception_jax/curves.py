@@ -11,7 +11,8 @@ Reads `metrics.jsonl` and `config.json` of each workdir. Runs whose configs diff
 with the config fields that differ between them. Writes a figure (train loss and eval
 accuracy, against each axis of --x: step, wall time and/or device-hours) as PNG and SVG, and
 prints a markdown table of the final and best eval accuracy of every run, numbers taken as they
-are from the metrics files (rounded for display only). Importable: `load_run`, `group_runs`, `plot`, `table`.
+are from the metrics files (rounded for display only). Importable: `load_run`, `group_runs`,
+`plot`, `table`.
 """
 
 from __future__ import annotations
