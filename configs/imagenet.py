@@ -26,8 +26,7 @@ Memory (measured by compiling for each TPU slice on a CPU host, `python -m xcept
   v5e-8 (9.05 GiB) or a v6e-4 (15.35 of 31.25 GiB); 1 on a v4-8 (28.24 of 30.75 GiB) or a v5p-8
   (also in float32, half_precision=False: 49.63 of 95.74 GiB). In float32 with accumulation 1
   it fits neither a v5e-4 nor a v4-8 (37.1 / 38.1 GB needed, issue 14). Batch 1024 in one pass
-  does not fit a
-  v5e-4 in bf16 either (XLA: 21.75 GiB needed).
+  does not fit a v5e-4 in bf16 either (XLA: 21.75 GiB needed).
 """
 
 from configs import common
