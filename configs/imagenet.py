@@ -14,6 +14,19 @@ Not stated, chosen here (each overridable on the command line):
   is a central crop of 87.5% resized to 299.
 - Weight decay (coupled L2, added to the gradient as in Keras/TF-slim) on every conv and dense
   kernel, depthwise included; not on BatchNorm scale/offset nor on the classifier bias.
+
+Memory (measured by compiling for each TPU slice on a CPU host, `python -m xception_jax.aot
+--config configs/imagenet.py --topology <slice>`; README "The paper's batch on small slices"):
+- bfloat16 compute (parameters, optimizer state and BatchNorm statistics stay float32) and
+  grad_accum_steps=4: the batch of 1024 runs as 4 microbatches of 256, 64 images per chip on 4
+  chips (BatchNorm statistics per microbatch of 256, cf. the paper's per-GPU BatchNorm). As
+  shipped it fits a v5e-4 (9.12 of 15.75 GiB per chip), a v5e-8, a v4-8, a v5p-8 and a v6e-4,
+  and any larger slice whose chip count divides 256.
+- Fewer microbatches where memory allows (same FLOPs, larger matmuls): grad_accum_steps=2 on a
+  v5e-8 (9.05 GiB) or a v6e-4 (15.35 of 31.25 GiB); 1 on a v4-8 (28.24 of 30.75 GiB) or a v5p-8
+  (also in float32, half_precision=False: 49.63 of 95.74 GiB). In float32 with accumulation 1
+  it fits neither a v5e-4 nor a v4-8 (37.1 / 38.1 GB needed, issue 14). Batch 1024 in one pass
+  does not fit a v5e-4 in bf16 either (XLA: 21.75 GiB needed).
 """
 
 from configs import common
