@@ -198,6 +198,8 @@ def compile_step(step, args, topology: Topology, global_batch: int, config, whic
     """Compiles one jitted step for its abstract `args`; the report as a dict (see module doc)."""
     import jax
 
+    from xception_jax import telemetry
+
     result = {
         "topology": topology.name,
         "libtpu_topology": topology.topology_name,
@@ -233,26 +235,21 @@ def compile_step(step, args, topology: Topology, global_batch: int, config, whic
         )
         return result
     seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    # XLA's figure is per chip, and it counts a loop's body once: with k microbatches (a scan
-    # of k forward/backward passes) the step does about k times what it reports. k x that
-    # figure also counts the once-per-step optimizer update k times: O(parameters) FLOPs,
-    # under 0.1% of the full model's step at a batch of 8 or more per chip.
-    flops = float(cost.get("flops", 0.0)) * topology.chips * result["grad_accum_steps"]
+    # Per chip, the microbatch loop counted k times (telemetry.step_cost, as train.py logs it).
+    cost = telemetry.step_cost(compiled, result["grad_accum_steps"])
+    flops = cost["flops_per_device"] * topology.chips
     result.update(
         fits=True,
-        hbm_needed_bytes=memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-        + memory.generated_code_size_in_bytes,
+        hbm_needed_bytes=cost["argument_bytes"]
+        + cost["output_bytes"]
+        - cost["alias_bytes"]
+        + cost["temp_bytes"]
+        + cost["code_bytes"],
         hbm_available_bytes=None,
-        argument_bytes=memory.argument_size_in_bytes,
-        output_bytes=memory.output_size_in_bytes,
-        alias_bytes=memory.alias_size_in_bytes,
-        temp_bytes=memory.temp_size_in_bytes,
+        argument_bytes=cost["argument_bytes"],
+        output_bytes=cost["output_bytes"],
+        alias_bytes=cost["alias_bytes"],
+        temp_bytes=cost["temp_bytes"],
         flops_per_step=flops,
         flops_per_image=flops / global_batch,
         compile_seconds=round(seconds, 2),

@@ -71,6 +71,7 @@ def step_cost(compiled, grad_accum_steps: int = 1) -> dict:
         "output_bytes": memory.output_size_in_bytes,
         "alias_bytes": memory.alias_size_in_bytes,
         "temp_bytes": memory.temp_size_in_bytes,
+        "code_bytes": memory.generated_code_size_in_bytes,
     }
 
 
