@@ -108,3 +108,34 @@ def run_tool(
         app.run(lambda args: run(args) and None, argv=[program, *sys.argv[1:]], flags_parser=parser)
         return None
     return run(parser([program, *argv]))
+
+
+def define_weight_source_flags(flag_values: flags.FlagValues, timm_variant_from: str) -> None:
+    """--workdir, --keras_weights, --timm_weights and --step: where a tool's weights come from.
+
+    `timm_variant_from` says which flag or field names the variant of a timm file; '--model'
+    also defines that flag.
+    """
+    flags.DEFINE_string(
+        "workdir", None, "A training workdir (its newest checkpoint).", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "keras_weights", None, "A Keras Xception .h5 weight file.", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "timm_weights",
+        None,
+        f"A timm .safetensors weight file (its variant: {timm_variant_from}).",
+        flag_values=flag_values,
+    )
+    if timm_variant_from == "--model":
+        flags.DEFINE_string(
+            "model",
+            None,
+            "The timm variant of --timm_weights: xception41, xception65, xception71, "
+            "legacy_xception.",
+            flag_values=flag_values,
+        )
+    flags.DEFINE_integer(
+        "step", None, "Checkpoint step of --workdir (default: the newest).", flag_values=flag_values
+    )

@@ -33,19 +33,7 @@ FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (the data to evaluate on).", flag_values=FLAGS
 )
-flags.DEFINE_string(
-    "workdir", None, "A training workdir (its newest checkpoint).", flag_values=FLAGS
-)
-flags.DEFINE_string("keras_weights", None, "A Keras Xception .h5 weight file.", flag_values=FLAGS)
-flags.DEFINE_string(
-    "timm_weights",
-    None,
-    "A timm .safetensors weight file of the variant config.model.name names.",
-    flag_values=FLAGS,
-)
-flags.DEFINE_integer(
-    "step", None, "Checkpoint step of --workdir (default: the newest).", flag_values=FLAGS
-)
+cli.define_weight_source_flags(FLAGS, timm_variant_from="config.model.name")
 flags.DEFINE_bool(
     "use_ema", False, "Evaluate the Polyak-averaged weights (--workdir).", flag_values=FLAGS
 )

@@ -31,17 +31,7 @@ from absl import flags
 from xception_jax import cli, storage
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string(
-    "workdir", None, "A training workdir (its newest checkpoint).", flag_values=FLAGS
-)
-flags.DEFINE_string("keras_weights", None, "A Keras Xception .h5 weight file.", flag_values=FLAGS)
-flags.DEFINE_string(
-    "timm_weights", None, "A timm .safetensors weight file (with --model).", flag_values=FLAGS
-)
-flags.DEFINE_string(
-    "model", None, "The timm variant of --timm_weights (e.g. xception65).", flag_values=FLAGS
-)
-flags.DEFINE_integer("step", None, "--workdir's checkpoint (default: newest).", flag_values=FLAGS)
+cli.define_weight_source_flags(FLAGS, timm_variant_from="--model")
 flags.DEFINE_bool(
     "ema", False, "Export the Polyak-averaged weights (--workdir).", flag_values=FLAGS
 )

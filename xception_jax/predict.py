@@ -33,21 +33,8 @@ TIMM_IMAGE_SIZE = 299  # timm's default input size for all four Xception variant
 
 # Positional arguments: the image files (JPEG, PNG, BMP, GIF), local or gs://.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string(
-    "workdir", None, "A training workdir (its newest checkpoint).", flag_values=FLAGS
-)
-flags.DEFINE_string("keras_weights", None, "A Keras Xception .h5 weight file.", flag_values=FLAGS)
-flags.DEFINE_string(
-    "timm_weights", None, "A timm .safetensors weight file (with --model).", flag_values=FLAGS
-)
-flags.DEFINE_string(
-    "model",
-    None,
-    "The timm variant of --timm_weights: xception41, xception65, xception71, legacy_xception.",
-    flag_values=FLAGS,
-)
+cli.define_weight_source_flags(FLAGS, timm_variant_from="--model")
 flags.DEFINE_integer("top_k", 5, "Labels to print per image.", flag_values=FLAGS)
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", flag_values=FLAGS)
 flags.DEFINE_bool("ema", False, "Use the Polyak-averaged weights.", flag_values=FLAGS)
 flags.DEFINE_integer("image_size", None, "Override the model's input size.", flag_values=FLAGS)
 
