@@ -41,3 +41,18 @@ def test_a_wrong_flag_exits_non_zero_from_the_command_line():
     )
     assert done.returncode == 1
     assert "Unknown command line flag 'sweep_dri'. Did you mean: sweep_dir ?" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, usage",
+    [
+        (["train.py"], "python train.py --config configs/default.py --workdir runs/default"),
+        (["-m", "xception_jax.aot"], "python -m xception_jax.aot --config configs/imagenet.py"),
+    ],
+)
+def test_train_and_aot_help_exit_0_with_a_usage_example(argv, usage):
+    done = subprocess.run(
+        [sys.executable, *argv, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert usage in done.stdout and "--config" in done.stdout.split("Flags:")[1]

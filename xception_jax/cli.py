@@ -24,7 +24,13 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS):
     config_flags raises a bare KeyError/AttributeError (with a traceback) for a misspelled
     field, e.g. --config.modle.name=x; the config is locked, so typos never pass silently.
     `argv` includes the program name; returns the positional arguments (program name first).
+    --help prints the program's docstring (its usage example) and flags and exits 0 (absl's own
+    help exits 1).
     """
+    options = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    if flag_values is FLAGS and any(a in HELP_FLAGS for a in options):
+        print(tool_help(FLAGS, sys.modules["__main__"].__doc__ or ""))
+        sys.exit(0)
     try:
         return flag_values(argv)
     except (KeyError, AttributeError) as e:
