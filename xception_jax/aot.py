@@ -26,28 +26,41 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from xception_jax.cli import parse_flags
+from xception_jax import cli
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+# The tool's own flags (cli.parse_tool_flags): importing aot beside another tool (sweep's
+# --config) in one process must not clash.
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True, flag_values=FLAGS
+)
 flags.DEFINE_list(
     "topology",
     None,
     "TPU slices as users name them, comma separated: v4-8, v4-16, v4-32 ..., v5p-8 ... (the "
     "number counts TensorCores, 2 per chip), v5e-1, v5e-4, v5e-8 ..., v6e-1, v6e-4 ... (chips).",
+    flag_values=FLAGS,
 )
 flags.DEFINE_bool(
     "find_max_batch",
     False,
     "Search the largest global batch (a multiple of chips x grad_accum_steps) whose train "
     "step fits, instead of compiling config.batch_size.",
+    flag_values=FLAGS,
 )
-flags.DEFINE_bool("eval", True, "Also compile the eval step (config.eval_batch_size).")
-flags.DEFINE_bool("json", False, "Print one JSON object per compiled step instead of text.")
+flags.DEFINE_bool(
+    "eval", True, "Also compile the eval step (config.eval_batch_size).", flag_values=FLAGS
+)
+flags.DEFINE_bool(
+    "json", False, "Print one JSON object per compiled step instead of text.", flag_values=FLAGS
+)
 flags.DEFINE_integer(
-    "num_classes", 1000, "Classes of the dataset (sizes the classifier); 1000 for ImageNet."
+    "num_classes",
+    1000,
+    "Classes of the dataset (sizes the classifier); 1000 for ImageNet.",
+    flag_values=FLAGS,
 )
-flags.mark_flags_as_required(["config", "topology"])
+flags.mark_flags_as_required(["config", "topology"], flag_values=FLAGS)
 
 # The schedule's length is a constant inside the step: any count compiles the same program.
 _TRAIN_EXAMPLES = 1_281_167  # ImageNet's train split.
@@ -424,9 +437,9 @@ def run(config, topology_names: list[str], *, find_max: bool, with_eval: bool, n
             yield compiler.eval(), topology
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def _run(args: list[str]) -> None:
+    if args:
+        raise app.UsageError(f"Unexpected arguments: {args}")
     from xception_jax import config_validation
 
     failed = False
@@ -454,5 +467,11 @@ def main(argv):
         sys.exit(1)
 
 
+def main(argv=None) -> None:
+    """Command line: see the module docstring (argv without the program name; sys.argv's when
+    None)."""
+    cli.run_tool(_run, FLAGS, __doc__, argv, program="python -m xception_jax.aot")
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    main()
