@@ -387,50 +387,6 @@ def two_process_job(pool, workdirs, name):
     ]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(gs_data_dir, tmp_path_factory):
-    """A finished 2-process run in one gs:// workdir: (workdir, its two processes)."""
-    pool = procs.ProcessPool(tmp_path_factory.mktemp("gs_two_processes"))
-    try:
-        workdir = gs_dir("two_processes")
-        job = two_process_job(pool, [workdir, workdir], "shared")
-        for proc in job:
-            assert proc.wait(480) == 0, proc.log()[-4000:]
-        return workdir, job
-    finally:
-        pool.close()
-
-
-def test_two_processes_share_one_gs_workdir(two_process_run):
-    workdir, job = two_process_run
-    assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
-    assert [r["step"] for r in read_gs_metrics(workdir)] == [2]
-    fingerprints = [proc.log().split("Params at step 2 fingerprint ")[1][:16] for proc in job]
-    assert fingerprints[0] == fingerprints[1]
-
-
-def test_gs_checkpoint_of_another_model_or_a_newer_layout_is_refused_untouched(
-    two_process_run, gs_data_dir, gcs_emulator
-):
-    workdir, _ = two_process_run
-    prefix = workdir.removeprefix(f"gs://{gcs.BUCKET}/") + "/"
-    config = small_config(gs_data_dir, **{k: v for k, v in TWO_PROCESS_FIELDS.items()})
-    before = files_under(gcs_emulator, prefix)
-    config.model.width_multiplier = 0.5  # xception_tiny has 0.25.
-    with pytest.raises(checkpoints.CheckpointError, match="Checkpoint 2 .* another model"):
-        train.train_and_evaluate(config, workdir, one_device())
-    config.model.width_multiplier = 0.25
-    meta = f"{checkpoints.checkpoint_dir(workdir)}/2/meta/metadata"
-    newer = json.loads(storage.read_text(meta))
-    newer["layout_version"] = checkpoints.LAYOUT_VERSION + 1
-    storage.write_atomic(meta, json.dumps(newer))
-    before_layout = files_under(gcs_emulator, prefix)
-    with pytest.raises(checkpoints.CheckpointError, match="has layout version 2, this code reads"):
-        train.train_and_evaluate(config, workdir, one_device())
-    after = files_under(gcs_emulator, prefix)
-    assert after == before_layout and after.keys() == before.keys()
-
-
 def test_two_processes_with_different_gs_workdirs_fail_the_shared_workdir_check(
     gs_data_dir, gcs_emulator, pool
 ):
@@ -511,6 +467,29 @@ def test_fine_tuning_from_a_gs_workdir(main_job_runs, gs_data_dir, gcs_emulator,
     backbone = {k: v for k, v in state.params.items() if k != "predictions"}
     assert_bitwise_equal(backbone, {k: v for k, v in source["params"].items() if k in backbone})
     assert checkpoints.create_manager(workdir, read_only=True).all_steps() == [2]
+
+
+def test_gs_checkpoint_of_another_model_or_a_newer_layout_is_refused_untouched(
+    main_job_runs, gs_data_dir, gcs_emulator
+):
+    # The last user of the main job's gs:// workdir: this test rewrites its newest meta.
+    workdir, _ = main_job_runs
+    prefix = workdir.removeprefix(f"gs://{gcs.BUCKET}/") + "/"
+    config = small_config(gs_data_dir, **TRAIN_FIELDS)
+    before = files_under(gcs_emulator, prefix)
+    config.model.width_multiplier = 0.5  # xception_tiny has 0.25.
+    with pytest.raises(checkpoints.CheckpointError, match=f"Checkpoint {STEPS} .* another model"):
+        train.train_and_evaluate(config, workdir, one_device())
+    config.model.width_multiplier = 0.25
+    meta = f"{checkpoints.checkpoint_dir(workdir)}/{STEPS}/meta/metadata"
+    newer = json.loads(storage.read_text(meta))
+    newer["layout_version"] = checkpoints.LAYOUT_VERSION + 1
+    storage.write_atomic(meta, json.dumps(newer))
+    before_layout = files_under(gcs_emulator, prefix)
+    with pytest.raises(checkpoints.CheckpointError, match="has layout version 2, this code reads"):
+        train.train_and_evaluate(config, workdir, one_device())
+    after = files_under(gcs_emulator, prefix)
+    assert after == before_layout and after.keys() == before.keys()
 
 
 # --------------------------------------------------------------------------------------------

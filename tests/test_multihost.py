@@ -8,7 +8,9 @@ import functools
 import os
 import re
 import signal
+import uuid
 
+import gcs
 import jax
 import numpy as np
 import procs
@@ -63,18 +65,20 @@ def logged_fingerprints(proc):
 
 
 @pytest.fixture(scope="module")
-def preempted_job(digits_data_dir, tmp_path_factory):
+def preempted_job(digits_data_dir, gcs_emulator, tmp_path_factory):
     """A 2-process job told to terminate (SIGTERM to process 1 only), then run again.
 
-    One job serves both tests below: every 2-process run pays a full compilation (process 1
-    never hits the persistent cache, which only process 0 writes and whose keys differ per
-    process), so the uninterrupted k-step run is the rerun's, from the preempted step on.
+    Its workdir is one gs:// directory (the GCS emulator, tests/gcs.py), as on a TPU pod whose
+    hosts share no disk. One job serves both tests below: every 2-process run pays a full
+    compilation (process 1 never hits the persistent cache, which only process 0 writes and
+    whose keys differ per process), so the uninterrupted k-step run is the rerun's, from the
+    preempted step on.
     Returns (workdir, preempted processes, rerun processes, stop step).
     """
     tmp = tmp_path_factory.mktemp("two_process")
     pool = procs.ProcessPool(tmp)
     try:
-        workdir = str(tmp / "run")
+        workdir = f"gs://{gcs.BUCKET}/{uuid.uuid4().hex[:8]}/two_process"
         pair = start_pair(pool, workdir, digits_data_dir, "preempted")
         # Process 1 has joined jax.distributed (JAX's SIGTERM notifier is installed) and is
         # compiling: the signal lands well before the last step however fast the machine is.

@@ -35,8 +35,11 @@ def small_config(data_dir, **overrides):
 
 
 def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """The records of a workdir's metrics.jsonl (local or gs://)."""
+    from xception_jax import storage
+
+    text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def assert_trees_close(a, b, rtol, atol):
