@@ -74,18 +74,7 @@ def _run(args: list[str]) -> None:
         sys.exit(1)
     from xception_jax import predict
 
-    try:
-        model, variables, names, image_size = predict.load_for_prediction(
-            FLAGS.workdir,
-            FLAGS.keras_weights,
-            FLAGS.step,
-            FLAGS.ema,
-            FLAGS.timm_weights,
-            FLAGS.model,
-        )
-    except ValueError as e:
-        sys.stderr.write(f"FATAL {e}\n")
-        sys.exit(1)
+    model, variables, names, image_size = predict.load_from_flags(FLAGS)
     image_size = FLAGS.image_size or image_size
     exported = export_inference(model, variables, image_size, FLAGS.platforms)
     storage.write_atomic(FLAGS.out, bytes(exported.serialize()))

@@ -210,6 +210,23 @@ def load_for_prediction(
     return model, variables, names, size
 
 
+def load_from_flags(flag_values):
+    """load_for_prediction of a tool's weight-source flags (cli.define_weight_source_flags,
+    --ema); a flag combination or weight file that cannot work ends with a FATAL line, exit 1."""
+    try:
+        return load_for_prediction(
+            flag_values.workdir,
+            flag_values.keras_weights,
+            flag_values.step,
+            flag_values.ema,
+            flag_values.timm_weights,
+            flag_values.model,
+        )
+    except ValueError as e:
+        sys.stderr.write(f"FATAL {e}\n")
+        sys.exit(1)
+
+
 def _run(images: list[str]) -> None:
     """Loads the model the flags name and prints the top labels of every image."""
     named = [
@@ -221,18 +238,7 @@ def _run(images: list[str]) -> None:
     if errors:
         sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
         sys.exit(1)
-    try:
-        model, variables, names, image_size = load_for_prediction(
-            FLAGS.workdir,
-            FLAGS.keras_weights,
-            FLAGS.step,
-            FLAGS.ema,
-            FLAGS.timm_weights,
-            FLAGS.model,
-        )
-    except ValueError as e:  # A flag combination or weight file that cannot work: say why.
-        sys.stderr.write(f"FATAL {e}\n")
-        sys.exit(1)
+    model, variables, names, image_size = load_from_flags(FLAGS)
     results = predict(images, model, variables, names, FLAGS.image_size or image_size, FLAGS.top_k)
     for path, top in zip(images, results, strict=True):
         print(path)
