@@ -4,9 +4,12 @@ Cases:
 - the embedded default 'sklearn_digits' (64x64 JPEGs) at 64 and 299 px;
 - fake ImageNet-sized JPEGs (500x375, ~110 KB like ImageNet's average, smooth random fields plus
   noise) prepared by the real imagenet2012 TFDS builder from fake ILSVRC2012 tars, at 299 px;
-- the same fake ImageNet: records/s of the skip that exact resume does (encoded, no decoding).
+- the same fake ImageNet: records/s of the skip that exact resume does (encoded, no decoding);
+each with config.data_shards = 1 (the layout of one process before data_shards existed) and 16
+(the default), and the ratio between them.
 
-    python benchmarks/input_pipeline.py [--batches 30] [--work_dir /tmp/xj_bench_input]
+    python benchmarks/input_pipeline.py [--batches 30] [--data_shards 1,16] \
+        [--work_dir /tmp/xj_bench_input]
 
 Everything is written under --work_dir (kept between runs: the datasets are built once).
 Figures depend on the cores tf.data can use: the script prints os.cpu_count() and the affinity.
@@ -82,6 +85,7 @@ def _config(**overrides):
         crop_aspect_range=(3 / 4, 4 / 3),
         random_flip=True,
         shuffle_buffer=2048,
+        data_shards=16,
         prefetch_batches=2,
     )
     fields.update(overrides)
@@ -104,28 +108,25 @@ def images_per_second(config, batches, warmup=3):
 def skip_records_per_second(config, records):
     """records/s (and MB/s) of the skip that train_iterator(config, start_step) does on resume.
 
-    The same record stream as train_iterator (per-epoch file order and shuffle buffer, records
-    still serialized), timed over `records` skipped records (several epochs of the small fake
-    dataset; in training the skip is always less than one epoch). Files are in the page cache.
+    The same undecoded record stream as train_iterator (every shard's per-epoch file order and
+    shuffle buffer, the shards interleaved), timed over `records` skipped records (several
+    epochs of the small fake dataset; on resume each shard skips less than one of its epochs).
+    Files are in the page cache.
     """
     import tensorflow as tf
 
     from xception_jax import input_pipeline as ip
 
-    source = ip._source(config, config.train_split, 0, 1)
-
-    def epoch(e):
-        ds = source.files(ip._epoch_seed(config.seed, e, salt=0))
-        return ds.shuffle(config.shuffle_buffer, seed=ip._epoch_seed(config.seed, e, salt=1))
-
-    stream = tf.data.Dataset.range(0, 2**62).flat_map(epoch)
-    nbytes = stream.take(source.num_examples).reduce(
-        tf.constant(0, tf.int64), lambda n, r: n + tf.cast(tf.strings.length(r), tf.int64)
+    stream, split, _ = ip._train_records(config, 0, 0, 1)
+    size = sum(split.sizes)
+    nbytes = stream.take(size).reduce(
+        tf.constant(0, tf.int64),
+        lambda n, e: n + tf.cast(tf.strings.length(e["record"]), tf.int64),
     )
     start = time.perf_counter()
     next(iter(stream.skip(records).take(1)))
     seconds = time.perf_counter() - start
-    mb = float(nbytes) / source.num_examples * records / 1e6
+    mb = float(nbytes) / size * records / 1e6
     return records / seconds, mb / seconds
 
 
@@ -135,6 +136,9 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=30, help="timed batches per case")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--work_dir", default="/tmp/xj_bench_input")
+    parser.add_argument(
+        "--data_shards", default="1,16", help="config.data_shards values to compare, first: 1x"
+    )
     args = parser.parse_args(argv)
 
     from xception_jax import input_pipeline
@@ -151,20 +155,34 @@ def main(argv=None):
         )
     input_pipeline.prepare_dataset("imagenet2012", data_dir, manual)
 
+    shard_counts = [int(n) for n in args.data_shards.split(",")]
     results = []
     for name, size, extra in (
         ("sklearn_digits", 64, dict(crop_area_range=(0.5, 1.0), random_flip=False)),
         ("sklearn_digits", 299, dict(crop_area_range=(0.5, 1.0), random_flip=False)),
         ("imagenet2012 (fake, 500x375 JPEG)", 299, dict(dataset="imagenet2012")),
     ):
-        config = _config(data_dir=data_dir, manual_dir=manual, image_size=size, **extra)
-        config.batch_size = args.batch_size
-        rate = images_per_second(config, args.batches)
-        results.append((name, size, rate))
-        print(f"train {name:36s} {size:3d} px: {rate:8.0f} images/s")
-    config = _config(data_dir=data_dir, manual_dir=manual, dataset="imagenet2012", image_size=299)
-    rate, mb_rate = skip_records_per_second(config, records=20 * 320)
-    print(f"resume skip (fake imagenet2012, encoded): {rate:8.0f} records/s, {mb_rate:.0f} MB/s")
+        rates = []
+        for shards in shard_counts:
+            config = _config(data_dir=data_dir, manual_dir=manual, image_size=size, **extra)
+            config.batch_size = args.batch_size
+            config.data_shards = shards
+            rates.append(images_per_second(config, args.batches))
+            results.append((name, size, shards, rates[-1]))
+            print(
+                f"train {name:34s} {size:3d} px, data_shards={shards:3d}: {rates[-1]:8.0f} "
+                f"images/s ({rates[-1] / rates[0]:.2f}x data_shards={shard_counts[0]})"
+            )
+    for shards in shard_counts:
+        config = _config(
+            data_dir=data_dir, manual_dir=manual, dataset="imagenet2012", image_size=299
+        )
+        config.data_shards = shards
+        rate, mb_rate = skip_records_per_second(config, records=20 * 320)
+        print(
+            f"resume skip (fake imagenet2012, encoded), data_shards={shards:3d}: {rate:8.0f} "
+            f"records/s, {mb_rate:.0f} MB/s"
+        )
     return results
 
 

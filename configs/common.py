@@ -39,7 +39,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.crop_area_range = (0.08, 1.0)  # Inception crop: fraction of the image area.
     config.crop_aspect_range = (3 / 4, 4 / 3)
     config.random_flip = True
+    # Records in the shuffle buffers of all shards together (each shard shuffles with
+    # shuffle_buffer / data_shards of them; a process holds its own shards' buffers).
     config.shuffle_buffer = 16_384
+    # Fixed logical shards of the training data (xception_jax.data_shards): each is read in its
+    # own order, fixed by the seed, and every step takes batch_size / data_shards examples from
+    # each. The global batch of a step then depends on (seed, step, dataset) alone, not on the
+    # number of processes: a run resumes exactly on another slice size, and any step replays on
+    # one machine (input_pipeline.global_batch). Constraints, checked before a run starts:
+    # batch_size must be a multiple of data_shards, and data_shards a multiple of the number of
+    # processes (so 16 works on 1, 2, 4, 8 and 16 hosts); no shard may be empty. Changing
+    # data_shards changes the data order: keep it for the life of a run.
+    config.data_shards = 16
     config.prefetch_batches = 2
 
     # Batch sizes are global: split over every device of every process.

@@ -48,6 +48,9 @@ def get_config():
 
     config.batch_size = 1024
     config.eval_batch_size = 1024
+    # Up to 64 hosts (a v4-512 or v5e-256 slice), any power of two below; 16 images per shard
+    # and step.
+    config.data_shards = 64
     # Fits the paper's batch on small TPU slices (see the docstring and README "Memory on TPU").
     config.half_precision = True
     config.grad_accum_steps = 4

@@ -104,6 +104,28 @@ def digits_sharded_data_dir(tmp_path_factory):
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def noise_image_folder(tmp_path_factory):
+    """An image folder of uniform-noise PNGs: <root>/{train,test}/<class>/<n>.png.
+
+    3 classes, 16 training and 4 test images each, 36x36. Unlike the digits' exact-black
+    backgrounds, noise has no exact ties for ReLU and max-pool to break by rounding noise, so
+    runs that add in another order stay within 1e-6 for several steps (../shared/FINDINGS.md).
+    """
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("noise_images")
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 16), ("test", 4)):
+        for name in ("a", "b", "c"):
+            directory = root / split / name
+            directory.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(36, 36, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(directory / f"{i}.png")
+    return str(root)
+
+
 def make_data_config(**overrides):
     """A data config (the fields input_pipeline reads) for small, fast test pipelines."""
     import ml_collections
@@ -123,6 +145,7 @@ def make_data_config(**overrides):
         crop_aspect_range=(3 / 4, 4 / 3),
         random_flip=True,
         shuffle_buffer=2048,
+        data_shards=4,
         prefetch_batches=2,
     )
     fields.update(overrides)

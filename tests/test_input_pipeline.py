@@ -80,35 +80,84 @@ def test_start_at_step_k_equals_uninterrupted_across_epoch_boundary(
         _assert_same_batches(uninterrupted[13:], resumed)
 
 
-@pytest.mark.parametrize(
-    "process_count,data_dir", [(2, "digits_data_dir"), (4, "digits_sharded_data_dir")]
-)
-def test_process_parts_are_disjoint_and_cover_the_split_each_epoch(
-    request, data_config, process_count, data_dir
+def _global_batches(config, steps, process_count, start_step=0):
+    """The global batches of `steps` steps: every process's part, concatenated in process order
+    (as jax.make_array_from_process_local_data places them)."""
+    parts = [
+        _take(
+            _ip().train_iterator(
+                config, start_step, process_index=index, process_count=process_count
+            ),
+            steps,
+        )
+        for index in range(process_count)
+    ]
+    return [
+        {k: np.concatenate([p[step][k] for p in parts]) for k in parts[0][step]}
+        for step in range(steps)
+    ]
+
+
+def _fingerprints(batch):
+    """One fingerprint per example: its pixels and label."""
+    return collections.Counter(
+        hash((image.tobytes(), int(label)))
+        for image, label in zip(batch["image"], batch["label"], strict=True)
+    )
+
+
+@pytest.mark.parametrize("source", ["digits_sharded_data_dir", "noise_image_folder"])
+def test_global_batches_are_the_same_on_any_process_count(request, data_config, source):
+    # 4 logical shards; 1, 2 and 4 processes read 4, 2 and 1 of them. Step 5 crosses the end
+    # of the noise folder's first epoch (48 images, 8 per step).
+    path = request.getfixturevalue(source)
+    if source == "noise_image_folder":
+        config = data_config(dataset="image_folder", image_folder=path, batch_size=8)
+    else:
+        config = data_config(data_dir=path, batch_size=16)
+    steps = 7
+    reference = _global_batches(config, steps, 1)
+    for process_count in (2, 4):
+        for step, (one, many) in enumerate(
+            zip(reference, _global_batches(config, steps, process_count), strict=True)
+        ):
+            # The same examples with the same augmentation, in the same places.
+            assert _fingerprints(one) == _fingerprints(many), (process_count, step)
+            _assert_same_batches([one], [many])
+    # global_batch replays any step in one process, without the steps before it.
+    for step in (0, 6):
+        images, labels = _ip().global_batch(config, step)
+        _assert_same_batches([{"image": images, "label": labels}], [reference[step]])
+    # Another seed is another order.
+    config.seed = 1
+    assert _fingerprints(_global_batches(config, 1, 2)[0]) != _fingerprints(reference[0])
+
+
+def test_resume_on_another_process_count_continues_the_same_batches(
+    digits_sharded_data_dir, data_config
 ):
+    # 450 examples in 4 shards (113, 113, 112, 112) of 8 per step: the first shard epochs end
+    # inside step 14; the resumed streams start mid-epoch after the skip.
+    config = data_config(data_dir=digits_sharded_data_dir, train_split="test", batch_size=32)
+    uninterrupted = _global_batches(config, 17, 2)
+    for process_count in (1, 4):
+        resumed = _global_batches(config, 4, process_count, start_step=13)
+        _assert_same_batches(uninterrupted[13:], resumed)
+
+
+def test_each_epoch_of_the_shards_covers_the_split_once(digits_data_dir, data_config):
+    # 450 examples in 2 shards of 225, 15 of each per step: steps 0-14 are the first epoch of
+    # both shards, steps 15-29 the second.
     config = data_config(
-        data_dir=request.getfixturevalue(data_dir), train_split="test", eval_split="test",
-        batch_size=32, eval_crop_fraction=1.0, **IDENTITY_CROP,
+        data_dir=digits_data_dir, train_split="test", eval_split="test", batch_size=30,
+        data_shards=2, eval_crop_fraction=1.0, **IDENTITY_CROP,
     )  # fmt: skip
     whole = collections.Counter(_examples(_ip().eval_iterator(config, process_count=1)))
     assert sum(whole.values()) == 450
-    sizes, epochs = [], [collections.Counter(), collections.Counter()]
-    for index in range(process_count):
-        kw = dict(process_index=index, process_count=process_count)
-        part = collections.Counter(_examples(_ip().eval_iterator(config, **kw)))
-        n = sum(part.values())
-        sizes.append(n)
-        local_batch = 32 // process_count
-        stream = _examples(_take(_ip().train_iterator(config, **kw), 2 * n // local_batch + 1))
-        # The training stream's first n examples are exactly this process's part, and so are
-        # the next n (the second epoch, in another order).
-        assert collections.Counter(stream[:n]) == part
-        assert collections.Counter(stream[n : 2 * n]) == part
-        assert stream[:n] != stream[n : 2 * n]
-        for epoch in epochs:
-            epoch.update(part)
-    assert max(sizes) - min(sizes) <= 1
-    assert epochs[0] == whole  # disjoint parts that cover the split
+    stream = _examples(_global_batches(config, 30, 2))
+    assert collections.Counter(stream[:450]) == whole
+    assert collections.Counter(stream[450:]) == whole
+    assert stream[:450] != stream[450:]  # each epoch in its own order
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])
@@ -274,7 +323,17 @@ def test_global_batch_and_prefetch_to_device(digits_data_dir, data_config):
         list(ip.prefetch_to_device(failing(), 2, mesh))
 
 
-def test_batch_size_must_divide_among_processes(digits_data_dir, data_config):
-    config = data_config(data_dir=digits_data_dir, batch_size=30)
-    with pytest.raises(ValueError, match="not divisible by the number of processes"):
-        _ip().train_iterator(config, process_index=0, process_count=4)
+def test_shards_that_do_not_fit_the_batch_or_the_processes_are_refused(
+    digits_data_dir, data_config
+):
+    config = data_config(data_dir=digits_data_dir, batch_size=30, data_shards=4)
+    with pytest.raises(ValueError, match=r"batch_size=30 is not a multiple of config.data_"
+                       r"shards=4.*Use batch_size=28 or data_shards=3"):  # fmt: skip
+        _ip().train_iterator(config)
+    config = data_config(data_dir=digits_data_dir, batch_size=24, data_shards=4)
+    with pytest.raises(ValueError, match=r"data_shards=4 is not a multiple of the 3 processes.*"
+                       r"divides 4 \(\[1, 2, 4\]\).*data_shards=12"):  # fmt: skip
+        _ip().train_iterator(config, process_index=0, process_count=3)
+    config = data_config(data_dir=digits_data_dir, train_split="test[:3]", data_shards=4)
+    with pytest.raises(ValueError, match=r"some are empty; use at most data_shards=3"):
+        _ip().train_iterator(config)

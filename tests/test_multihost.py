@@ -1,12 +1,14 @@
-"""`python train.py` as a 2-process x 2-CPU-device job on 127.0.0.1: equivalence, preemption.
+"""`python train.py` as several processes on 127.0.0.1: the same global batches and training on
+any process count, resume on another process count, replay of a step, preemption.
 
 Each test starts real processes in their own process groups with short jax.distributed
 timeouts, and kills the groups when it ends or times out (tests/procs.py).
 """
 
-import functools
+import collections
 import os
 import re
+import shutil
 import signal
 import uuid
 
@@ -15,15 +17,20 @@ import jax
 import numpy as np
 import procs
 import pytest
-from test_train import read_metrics, small_config
+from test_train import assert_trees_close, read_metrics
 
-from xception_jax import checkpoints, input_pipeline, optim, sharding, train
+from xception_jax import checkpoints, input_pipeline, sharding, train
 
-# Few steps on purpose: see test_rerun_resumes_and_equals_one_process_on_the_same_batches.
-STEPS = 3
 # Seconds per process: far above the ~125 s a run took on 2 cores shared with the other xdist
 # worker's tests.
 TIMEOUT = 480
+# Noise images (conftest.noise_image_folder), not the digits: their exact-black backgrounds
+# make ReLU and max-pool ties follow the rounding noise of the all-reduce, and runs that add in
+# another order drift apart after ~4 steps (../shared/FINDINGS.md). 48 training images in 4
+# logical shards of 12, 4 of each per step of 16: the shards' first epochs end at step 3.
+STEPS = 5
+STOP = 3  # where the 2-process run stops and the 1-process run takes over
+RESUMED_FROM = 2  # the 1-process checkpoint the preempted 2-process job starts from
 
 
 @pytest.fixture
@@ -33,139 +40,193 @@ def pool(tmp_path):
     p.close()
 
 
-def overrides(data_dir):
-    return procs.small_overrides(
-        data_dir, num_train_steps=STEPS, eval_every_steps=1000, checkpoint_every_steps=2
-    )
+def noise_args(folder, workdir, num_train_steps):
+    """train.py flags: the main job's config, small, on the noise images; num_train_steps only
+    sets where a run stops (the schedule is constant)."""
+    return [
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *procs.small_overrides(
+            "",
+            dataset="image_folder",
+            image_folder=folder,
+            data_shards=4,
+            num_train_steps=num_train_steps,
+            checkpoint_every_steps=1,
+            max_checkpoints_to_keep=STEPS,
+            log_every_steps=1,
+            eval_every_steps=1000,
+        ),
+    ]
 
 
-def start_pair(pool, workdir, data_dir, name):
-    """Both processes of the 2-process job, each with 2 CPU devices."""
+def run_one_process(pool, folder, workdir, num_train_steps, name):
+    """python train.py in one process with 2 CPU devices, to the end; its log."""
+    proc = pool.start(noise_args(folder, workdir, num_train_steps), name, num_devices=2)
+    assert proc.wait(TIMEOUT) == 0, proc.log()[-4000:]
+    return proc.log()
+
+
+def start_two_processes(pool, folder, workdir, num_train_steps, name):
+    """python train.py as 2 processes with 1 CPU device each."""
     port = procs.free_port()
     return [
         pool.start(
             [
-                "--config=configs/default.py",
-                f"--workdir={workdir}",
-                *overrides(data_dir),
+                *noise_args(folder, workdir, num_train_steps),
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
                 *procs.FAST_FAIL_FLAGS,
             ],
             f"{name}_{i}",
-            num_devices=2,
+            num_devices=1,
         )
         for i in range(2)
     ]
 
 
-def logged_fingerprints(proc):
-    return re.findall(r"Params at step (\d+) fingerprint (\w+)", proc.log())
+def logs_at_exit(pair):
+    for p in pair:
+        assert p.wait(TIMEOUT) == 0, p.log()[-4000:]
+    return [p.log() for p in pair]
+
+
+def logged_fingerprints(log):
+    return re.findall(r"Params at step (\d+) fingerprint (\w+)", log)
 
 
 @pytest.fixture(scope="module")
-def preempted_job(digits_data_dir, gcs_emulator, tmp_path_factory):
-    """A 2-process job told to terminate (SIGTERM to process 1 only), then run again.
-
-    Its workdir is one gs:// directory (the GCS emulator, tests/gcs.py), as on a TPU pod whose
-    hosts share no disk. One job serves both tests below: every 2-process run pays a full
-    compilation (process 1 never hits the persistent cache, which only process 0 writes and
-    whose keys differ per process), so the uninterrupted k-step run is the rerun's, from the
-    preempted step on.
-    Returns (workdir, preempted processes, rerun processes, stop step).
+def runs(noise_image_folder, gcs_emulator, tmp_path_factory):
+    """One config trained on 1 process x 2 devices and on 2 processes x 1 device, resumed from
+    one to the other. Returns {name: (workdir, [logs])}:
+    - 'one': 1 process, STEPS steps uninterrupted, a checkpoint at every step;
+    - 'two_then_one': 2 processes to STOP, then 1 process to STEPS, in one gs:// workdir (the
+      GCS emulator, tests/gcs.py), as on a TPU pod whose hosts share no disk;
+    - 'preempted': the 'one' run's checkpoints up to RESUMED_FROM, resumed on 2 processes and
+      told to terminate (SIGTERM to process 1 only, as TPU maintenance or `scancel` would);
+    - 'rerun': the same 2-process command again, to STEPS.
+    Every 2-process run pays a full compilation (process 1 never hits the persistent cache,
+    which only process 0 writes): hence one set of runs for every test below.
     """
-    tmp = tmp_path_factory.mktemp("two_process")
+    tmp = tmp_path_factory.mktemp("process_counts")
     pool = procs.ProcessPool(tmp)
+    folder = noise_image_folder
     try:
-        workdir = f"gs://{gcs.BUCKET}/{uuid.uuid4().hex[:8]}/two_process"
-        pair = start_pair(pool, workdir, digits_data_dir, "preempted")
+        one = str(tmp / "one")
+        runs = {"one": (one, [run_one_process(pool, folder, one, STEPS, "one")])}
+
+        two_then_one = f"gs://{gcs.BUCKET}/{uuid.uuid4().hex[:8]}/two_then_one"
+        logs = logs_at_exit(start_two_processes(pool, folder, two_then_one, STOP, "two"))
+        logs.append(run_one_process(pool, folder, two_then_one, STEPS, "then_one"))
+        runs["two_then_one"] = (two_then_one, logs)
+
+        one_then_two = str(tmp / "one_then_two")
+        shutil.copytree(one, one_then_two)
+        for step in range(RESUMED_FROM + 1, STEPS + 1):
+            shutil.rmtree(os.path.join(one_then_two, "checkpoints", str(step)))
+        pair = start_two_processes(pool, folder, one_then_two, STEPS, "preempted")
         # Process 1 has joined jax.distributed (JAX's SIGTERM notifier is installed) and is
         # compiling: the signal lands well before the last step however fast the machine is.
         procs.wait_for(lambda: "Model xception_tiny" in pair[1].log(), pair, TIMEOUT, "init")
-        pair[1].signal(signal.SIGTERM)  # As TPU maintenance or `scancel` would, to one host.
-        for p in pair:
-            assert p.wait(TIMEOUT) == 0, p.log()[-4000:]
-        stops = [
-            re.findall(r"Stopped by a termination signal at step (\d+)", p.log()) for p in pair
-        ]
-        assert stops[0] == stops[1] and len(stops[0]) == 1, stops
-        stop = int(stops[0][0])
-        assert stop < STEPS, "the run ended before the signal took effect"
-        rerun = start_pair(pool, workdir, digits_data_dir, "rerun")
-        for p in rerun:
-            assert p.wait(TIMEOUT) == 0, p.log()[-4000:]
-        return workdir, pair, rerun, stop
+        pair[1].signal(signal.SIGTERM)
+        runs["preempted"] = (one_then_two, logs_at_exit(pair))
+        pair = start_two_processes(pool, folder, one_then_two, STEPS, "rerun")
+        runs["rerun"] = (one_then_two, logs_at_exit(pair))
+        return runs
     finally:
         pool.close()
 
 
-def test_sigterm_to_one_process_stops_both_at_one_step_with_a_complete_checkpoint(
-    preempted_job,
+def example_fingerprints(images, labels):
+    """The multiset of (pixels, label) of a batch's examples."""
+    return collections.Counter(
+        (image.tobytes(), int(label)) for image, label in zip(images, labels, strict=True)
+    )
+
+
+def params_at(workdir, step):
+    return checkpoints.load(workdir, step=step)[1]["params"]
+
+
+def test_two_processes_and_one_process_train_on_the_same_global_batches(
+    runs, noise_image_folder, data_config
 ):
-    workdir, pair, _, stop = preempted_job
-    for p in pair:
-        assert "Run the same command again to resume" in p.log()
+    # The batches: the 2 processes' parts hold the examples of the global batch, with the same
+    # augmentation (per-example fingerprints), step by step.
+    config = data_config(
+        dataset="image_folder", image_folder=noise_image_folder, image_size=32, batch_size=16
+    )
+    for step in range(STOP):
+        parts = [
+            next(input_pipeline.train_iterator(config, step, process_index=i, process_count=2))
+            for i in (0, 1)
+        ]
+        images, labels = input_pipeline.global_batch(config, step)
+        assert example_fingerprints(images, labels) == example_fingerprints(
+            np.concatenate([p["image"] for p in parts]), np.concatenate([p["label"] for p in parts])
+        )
+    # The training: STOP steps on 2 processes x 1 device give the params of the same steps on
+    # 1 process x 2 devices (only the all-reduce differs: gloo across processes vs in-process).
+    one, _ = runs["one"]
+    two, logs = runs["two_then_one"]
+    assert "on 2 devices (2 processes)" in logs[0]
+    assert_trees_close(params_at(two, STOP), params_at(one, STOP), 1e-6, 1e-6)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_with_a_complete_checkpoint(runs):
+    workdir, logs = runs["preempted"]
+    stops = [re.findall(r"Stopped by a termination signal at step (\d+)", log) for log in logs]
+    assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+    stop = int(stops[0][0])
+    assert RESUMED_FROM < stop < STEPS, "the run ended before the signal took effect"
+    for log in logs:
+        assert "Run the same command again to resume" in log
     # The checkpoint of that step is complete: orbax lists it (no tmp dir left) and it loads.
     manager = checkpoints.create_manager(workdir, read_only=True)
     assert stop in manager.all_steps()
     checkpoints.load(workdir, step=stop)
     # Both stopped with bitwise the same params (train.py checks and logs it).
-    assert logged_fingerprints(pair[0]) == logged_fingerprints(pair[1])
-    assert logged_fingerprints(pair[0])[0][0] == str(stop)
+    assert logged_fingerprints(logs[0]) == logged_fingerprints(logs[1])
+    assert logged_fingerprints(logs[0])[0][0] == str(stop)
 
 
-def one_process_on_the_same_batches(data_dir, num_devices):
-    """The final params of STEPS steps in this process on `num_devices` devices, fed the global
-    batches of the 2-process job: process 0's local batch, then process 1's."""
-    config = small_config(data_dir, num_train_steps=STEPS)
-    info = input_pipeline.get_dataset_info(config)
-    mesh = sharding.create_mesh(jax.devices()[:num_devices])
-    model = train.create_model_from_config(config, info.num_classes)
-    tx, _ = optim.create_optimizer(config, info.num_train_examples)
-    replicated = sharding.replicated(mesh)
-    init = functools.partial(train.init_state, model, tx, config)
-    state = jax.jit(init, out_shardings=replicated)()
-    step = jax.jit(
-        functools.partial(train.train_step, model=model, tx=tx, config=config),
-        out_shardings=(replicated, replicated),
-    )
-    hosts = [
-        input_pipeline.train_iterator(config, 0, process_index=i, process_count=2) for i in (0, 1)
-    ]
-    for _ in range(STEPS):
-        parts = [next(h) for h in hosts]
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        state, _ = step(state, input_pipeline.to_global_batch(batch, mesh))
-    return state
-
-
-def test_rerun_resumes_and_equals_one_process_on_the_same_batches(preempted_job, digits_data_dir):
-    workdir, _, rerun, stop = preempted_job
-    for p in rerun:
-        assert f"Resumed from checkpoint {stop}" in p.log()
+@pytest.mark.parametrize("resumed", ["two_then_one", "preempted"])
+def test_a_run_resumes_exactly_on_another_process_count(runs, resumed):
+    # 2 processes -> 1 process at STOP; 1 process -> 2 processes at RESUMED_FROM (then the
+    # preemption and the 2-process rerun): both end where the 1-process run ends.
+    one, _ = runs["one"]
+    workdir, logs = runs[resumed]
+    resumes = {"two_then_one": logs[-1:], "preempted": logs}[resumed]
+    for log in resumes:
+        assert re.search(r"Resumed from checkpoint \d+", log), log[-3000:]
+        assert "The data order changes" not in log
+    if resumed == "preempted":
+        _, logs = runs["rerun"]
+        # Both processes resume and end with bitwise the same params, which the checkpoint
+        # holds.
+        fingerprints = [logged_fingerprints(log) for log in logs]
+        assert fingerprints[0] == fingerprints[1] and fingerprints[0][0][0] == str(STEPS)
+        _, variables, _ = checkpoints.load(workdir)
+        assert sharding.fingerprint(variables["params"]) == fingerprints[0][0][1]
     assert [r["step"] for r in read_metrics(workdir)][-1] == STEPS
-    # Both processes hold bitwise the same params, and the checkpoint holds exactly those.
-    fingerprints = [logged_fingerprints(p) for p in rerun]
-    assert fingerprints[0] == fingerprints[1] and fingerprints[0][0][0] == str(STEPS)
-    _, variables, _ = checkpoints.load(workdir)
-    assert sharding.fingerprint(variables["params"]) == fingerprints[0][0][1]
+    assert_trees_close(params_at(workdir, STEPS), params_at(one, STEPS), 1e-6, 1e-6)
 
-    # Same device count (4) as the 2 x 2 job, so every device sees the same per-device shapes;
-    # only the all-reduce differs (gloo across processes vs in-process), i.e. the order of a
-    # few float additions. On the digits' exact-black background such rounding differences
-    # flip ReLU/max-pool ties (see test_train.test_one_and_eight_devices_agree): measured
-    # here, 4 vs 2 in-process devices on these batches differ by 2.7e-7, 4.2e-7, 5.1e-7 after
-    # steps 1-3, then 7.7e-4 after step 4 and 2.8e-2 after step 6. Hence STEPS = 3.
-    reference = one_process_on_the_same_batches(digits_data_dir, num_devices=4)
-    for (path, x), y in zip(
-        jax.tree_util.tree_leaves_with_path(variables["params"]),
-        jax.tree.leaves(reference.params),
-        strict=True,
-    ):
-        np.testing.assert_allclose(
-            np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path)
-        )
+
+def test_global_batch_replays_the_step_the_trainer_took(runs):
+    # Checkpoint s, trained on global_batch(config, s) by the run's own train step in this
+    # process, gives checkpoint s + 1 of the 1-process run.
+    one, _ = runs["one"]
+    step = 2
+    state, p_train_step, mesh, config = train.restore_for_replay(one, step, jax.devices()[:2])
+    images, labels = input_pipeline.global_batch(config, step)
+    batch = input_pipeline.to_global_batch({"image": images, "label": labels}, mesh)
+    replayed, metrics = p_train_step(state, batch)
+    assert int(replayed.step) == step + 1 and np.isfinite(float(metrics["loss"]))
+    assert_trees_close(replayed.params, params_at(one, step + 1), 1e-6, 1e-6)
+    # The state is left intact (no donation): a notebook can replay again.
+    again, _ = p_train_step(state, batch)
+    assert_trees_close(again.params, replayed.params, 0, 0)
 
 
 def test_processes_that_do_not_share_the_workdir_fail_clearly(digits_data_dir, pool, tmp_path):
@@ -175,7 +236,7 @@ def test_processes_that_do_not_share_the_workdir_fail_clearly(digits_data_dir, p
             [
                 "--config=configs/default.py",
                 f"--workdir={tmp_path / f'host{i}'}",  # As if each host had its own disk.
-                *overrides(digits_data_dir),
+                *procs.small_overrides(digits_data_dir),
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -192,3 +253,13 @@ def test_processes_that_do_not_share_the_workdir_fail_clearly(digits_data_dir, p
     # Nothing was trained or written but the (empty) workdirs.
     assert os.listdir(tmp_path / "host0") == []
     assert not os.path.exists(tmp_path / "host1" / "checkpoints")
+
+
+# --------------------------------------------------------------------------------------------
+# The same global batches on any number of processes (config.data_shards)
+# --------------------------------------------------------------------------------------------
+
+# Noise images (conftest.noise_image_folder): 48 training images in 4 shards of 12, 4 of each
+# per step of 16: the shards' first epochs end at step 3, inside every run below.
+NOISE_STEPS = 5
+NOISE_STOP = 3

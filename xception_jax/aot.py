@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 import time
@@ -82,6 +83,11 @@ class Topology:
     chip_config_name: str  # 'megacore': one device per chip (v4, v5p); 'default'
     chips_per_host_bounds: tuple[int, int, int]
     wrap: tuple[bool, bool, bool]
+
+    @property
+    def hosts(self) -> int:
+        """Hosts of the slice: one train.py process each."""
+        return self.chips // math.prod(self.chips_per_host_bounds)
 
 
 # generation -> (libtpu's prefix, TensorCores per chip counted by the name, mesh dimensions).
@@ -420,7 +426,7 @@ def run(config, topology_names: list[str], *, find_max: bool, with_eval: bool, n
 
     for name in topology_names:
         topology = parse_topology(name)
-        errors = config_validation.batch_errors(config, topology.chips)
+        errors = config_validation.batch_errors(config, topology.chips, topology.hosts)
         if errors and not find_max:
             raise config_validation.ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
         compiler = SliceCompiler(config, topology, num_classes)

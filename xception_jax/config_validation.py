@@ -7,7 +7,7 @@ import difflib
 import jax
 import ml_collections
 
-from xception_jax import models, ops, storage
+from xception_jax import data_shards, models, ops, storage
 
 # Config fields that name a file or directory (local or gs://).
 PATH_FIELDS = (
@@ -188,8 +188,9 @@ def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def batch_errors(config: ml_collections.ConfigDict, devices: int, processes: int = 1) -> list[str]:
-    """Batch sizes that the devices (and, for training, the microbatches) divide evenly."""
-    errors = []
+    """Batch sizes that the devices (and, for training, the microbatches and the data's logical
+    shards) divide evenly, and logical shards that the processes divide evenly."""
+    errors = data_shards.errors(config.batch_size, config.get("data_shards", 1), processes)
     for field in ("batch_size", "eval_batch_size"):
         value = config[field]
         if value <= 0 or value % devices:

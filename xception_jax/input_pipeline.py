@@ -6,24 +6,30 @@ Sources (`config.dataset`):
   use (`config.manual_dir` for manual downloads such as ImageNet's two tars);
 - 'image_folder': `config.image_folder`/<split>/<class name>/<image file>.
 
-Each process reads only its own part of a split: TFDS's `even_splits` for TFDS datasets (the same
-sub-splits as `tfds.split_for_jax_process`), every `process_count`-th file for an image folder.
+The same global batches on any number of processes. The training split is cut into
+`config.data_shards` fixed logical shards (TFDS's even sub-splits, the same as
+`tfds.split_for_jax_process` with data_shards processes; every data_shards-th file of an image
+folder). Each shard is a stream of epochs of its own: epoch e reads the shard's files in an
+order shuffled with seed f(seed, shard, e) and passes the records through a shuffle buffer
+seeded likewise, so every epoch consumes each example of the shard exactly once. Step s takes
+the next batch_size / data_shards examples of every shard, in shard order: the global batch of
+step s is a function of (seed, s, the dataset) alone. Process p of P reads shards p * S/P to
+(p+1) * S/P - 1 (xception_jax.data_shards), and the processes' parts concatenated in process
+order are that global batch. The augmentation of an example is seeded with (seed, its position
+in its shard's stream, the shard) through TF's stateless random ops, never by TF's stateful
+generator: it follows the example, not the process.
 
-Determinism and exact resume. A process's training stream is a continuous sequence of epochs of
-its shard. Epoch e reads the shard's files in an order shuffled with seed f(seed, e) and passes
-the records through a shuffle buffer seeded with f(seed, e), so the order is a function of
-(seed, epoch) alone and every epoch consumes each example of the shard exactly once (a batch may
-straddle two epochs). The augmentation of the example at position p of the stream is seeded with
-(seed, p * process_count + process_index) through TF's stateless random ops, never by TF's
-stateful generator. `train_iterator(config, start_step)` starts the stream at epoch
-(start_step * B_local) // n, skips the (start_step * B_local) % n already consumed records while
-they are still encoded (no JPEG decoding), and numbers the following examples from
-start_step * B_local: the batches are then exactly those of an uninterrupted iterator.
+Exact resume on any supported process count: `train_iterator(config, start_step)` starts each
+shard's stream at position start_step * batch_size / data_shards, derived from the step alone. It
+skips the records already consumed while they are still encoded (no JPEG decoding), less than
+one epoch of the shard, all of a process's shards side by side. `global_batch(config, step)`
+reads step `step`'s global batch in one process.
 
 Images leave the pipeline as uint8 (scaling to [-1, 1] happens on the device).
 """
 
 import dataclasses
+import functools
 import math
 import os
 import queue
@@ -36,7 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import xception_jax.datasets  # noqa: F401  (registers 'sklearn_digits' with TFDS)
-from xception_jax import storage
+from xception_jax import data_shards, storage
 
 # TF must not reserve accelerator memory: JAX owns the devices. (A no-op with tensorflow-cpu.)
 try:
@@ -166,52 +172,60 @@ def _default_eval_split(split_names):
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: an unshuffled dataset of cheap, undecoded records for one process's part of a split
+# Splits: a split cut into logical shards, each a dataset of cheap, undecoded records
 # --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class _Source:
-    """One process's part of a split, before decoding.
+class _Split:
+    """A split cut into `len(sizes)` logical shards, before decoding.
 
-    `files(epoch_seed)` gives the records of one pass; with a seed the file order is shuffled
-    (None: fixed order). `load(record)` turns a record into {'image': encoded bytes, 'label'}.
-    `num_examples` counts this process's records, `max_num_examples` the largest part of any
-    process. `describe(record)` names a record in error messages.
+    `records(shard, epoch_seed, parallel_reads=1, read_buffer=8 MiB)` is one pass over shard
+    `shard` (an int or an int64 scalar tensor): with a seed the file order is shuffled (None: a
+    fixed order); the order is a function of (shard, seed, the dataset) alone. `parallel_reads`
+    and `read_buffer` only set how much is read at once. `load(record)` turns a record into
+    {'image': encoded bytes, 'label'}; `sizes[k]` counts shard k's records; `describe(record)`
+    names a record in error messages.
     """
 
-    files: Callable
+    sizes: tuple[int, ...]
+    records: Callable
     load: Callable
-    num_examples: int
-    max_num_examples: int
     describe: Callable
 
 
-def _tfds_source(config, split, process_index, process_count):
-    """A TFDS split's part for one process (even_splits, like tfds.split_for_jax_process)."""
+def _tfds_split(config, split, num_shards):
+    """A TFDS split in `num_shards` even sub-splits (the sub-splits of tfds.even_splits)."""
     builder = _tfds_builder(config)
     image_key, label_key = _tfds_keys(builder)
-
-    def subsplit(i):
-        return tfds.split_for_jax_process(split, process_index=i, process_count=process_count)
-
-    sizes = [builder.info.splits[subsplit(i)].num_examples for i in range(process_count)]
-    instructions = builder.info.splits[subsplit(process_index)].file_instructions
-    filenames = tf.constant([os.fspath(fi.filename) for fi in instructions], tf.string)
-    skips = tf.constant([fi.skip for fi in instructions], tf.int64)
-    takes = tf.constant([fi.take for fi in instructions], tf.int64)
+    parts = [
+        builder.info.splits[
+            tfds.split_for_jax_process(split, process_index=k, process_count=num_shards)
+        ]
+        for k in range(num_shards)
+    ]
+    instructions = [part.file_instructions for part in parts]
+    # Shard k's file instructions are rows bounds[k]:bounds[k+1] of one table.
+    bounds = tf.constant(np.cumsum([0] + [len(i) for i in instructions]), tf.int64)
+    table = [fi for part in instructions for fi in part]
+    filenames = tf.constant([os.fspath(fi.filename) for fi in table], tf.string)
+    skips = tf.constant([fi.skip for fi in table], tf.int64)
+    takes = tf.constant([fi.take for fi in table], tf.int64)
+    max_files = max(len(i) for i in instructions)
+    cycle = max(1, min(16, max_files))  # a function of the split and num_shards: fixes the order
     features = builder.info.features
-    cycle = max(1, min(16, len(instructions)))
 
-    def files(epoch_seed):
-        ds = tf.data.Dataset.from_tensor_slices((filenames, skips, takes))
+    def records(shard, epoch_seed, parallel_reads=1, read_buffer=8 << 20):
+        rows = slice(bounds[shard], bounds[shard + 1])
+        ds = tf.data.Dataset.from_tensor_slices((filenames[rows], skips[rows], takes[rows]))
         if epoch_seed is not None:
-            ds = ds.shuffle(len(instructions), seed=epoch_seed, reshuffle_each_iteration=False)
+            ds = ds.shuffle(max_files, seed=epoch_seed, reshuffle_each_iteration=False)
+        parallel = min(parallel_reads, cycle)
         return ds.interleave(
-            lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=8 << 20).skip(s).take(t),
+            lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=read_buffer).skip(s).take(t),
             cycle_length=cycle,
             block_length=1,
-            **({"num_parallel_calls": cycle, "deterministic": True} if cycle > 1 else {}),
+            **({"num_parallel_calls": parallel, "deterministic": True} if parallel > 1 else {}),
         )
 
     def load(serialized):
@@ -221,11 +235,10 @@ def _tfds_source(config, split, process_index, process_count):
         )
         return {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int32)}
 
-    return _Source(
-        files=files,
+    return _Split(
+        sizes=tuple(part.num_examples for part in parts),
+        records=records,
         load=load,
-        num_examples=sizes[process_index],
-        max_num_examples=max(sizes),
         describe=lambda record: f"a record of TFDS dataset {config.dataset!r} split {split!r}",
     )
 
@@ -274,38 +287,40 @@ def _folder_files(root, split, class_names):
     return paths, labels
 
 
-def _folder_source(config, split, process_index, process_count):
-    """Every process_count-th file of an image-folder split (no TFDS sub-splits needed)."""
+def _folder_split(config, split, num_shards):
+    """An image-folder split in `num_shards` shards: shard k holds every num_shards-th file from
+    the k-th (no TFDS sub-splits needed)."""
     root = _folder_root(config)
     paths, labels = _folder_files(root, split, _folder_classes(root))
-    mine_paths = paths[process_index::process_count]
-    mine_labels = np.asarray(labels[process_index::process_count], np.int32)
-    sizes = [len(paths[i::process_count]) for i in range(process_count)]
+    all_paths = tf.constant(paths, tf.string)
+    all_labels = tf.constant(labels, tf.int32)
+    sizes = tuple(len(paths[k::num_shards]) for k in range(num_shards))
 
-    def files(epoch_seed):
-        # Records are just (path, label): the shuffle and any skip never touch the image files.
-        ds = tf.data.Dataset.from_tensor_slices({"path": mine_paths, "label": mine_labels})
-        if epoch_seed is not None:
-            ds = ds.shuffle(len(mine_paths), seed=epoch_seed, reshuffle_each_iteration=False)
+    def records(shard, epoch_seed, parallel_reads=1, read_buffer=None):
+        del parallel_reads, read_buffer  # The records are just (path, label).
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"path": all_paths[shard::num_shards], "label": all_labels[shard::num_shards]}
+        )
+        if epoch_seed is not None:  # The shuffle and any skip never touch the image files.
+            ds = ds.shuffle(max(sizes), seed=epoch_seed, reshuffle_each_iteration=False)
         return ds
 
     def load(record):
         return {"image": tf.io.read_file(record["path"]), "label": record["label"]}
 
-    return _Source(
-        files=files,
+    return _Split(
+        sizes=sizes,
+        records=records,
         load=load,
-        num_examples=sizes[process_index],
-        max_num_examples=max(sizes),
         describe=lambda record: os.fsdecode(record["path"]),
     )
 
 
-def _source(config, split, process_index, process_count):
-    """The source for config.dataset."""
+def _split(config, split, num_shards):
+    """Split `split` of config.dataset in `num_shards` logical shards."""
     if config.dataset == IMAGE_FOLDER:
-        return _folder_source(config, split, process_index, process_count)
-    return _tfds_source(config, split, process_index, process_count)
+        return _folder_split(config, split, num_shards)
+    return _tfds_split(config, split, num_shards)
 
 
 def _resolve_eval_split(config):
@@ -399,15 +414,17 @@ def preprocess_eval(encoded, *, image_size, crop_fraction=DEFAULT_EVAL_CROP_FRAC
     return _resize_uint8(_decode_and_crop(encoded, window), image_size)
 
 
-def _example_seed(seed, position, process_index, process_count):
-    """Stateless seed of the example at `position` of this process's stream."""
-    global_index = position * process_count + process_index
-    return tf.stack([tf.constant(seed, tf.int64), tf.cast(global_index, tf.int64)])
+def _example_seed(seed, shard, position, num_shards):
+    """Stateless seed of the example at `position` of shard `shard`'s stream: a function of the
+    example's place in the data order, whichever process reads it."""
+    global_index = tf.cast(position, tf.int64) * num_shards + tf.cast(shard, tf.int64)
+    return tf.stack([tf.constant(seed, tf.int64), global_index])
 
 
-def _epoch_seed(seed, epoch, salt):
-    """A 63-bit shuffle seed that is a hash of (seed, epoch, salt)."""
-    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64) * 2 + salt])
+def _epoch_seed(seed, shard, epoch, salt):
+    """A 63-bit shuffle seed that is a hash of (seed, shard, epoch, salt)."""
+    counter = (tf.cast(shard, tf.int64) * 2**32 + tf.cast(epoch, tf.int64)) * 2 + salt
+    key = tf.stack([tf.constant(seed, tf.int64), counter])
     bits = tf.random.stateless_uniform([], seed=key, minval=None, maxval=None, dtype=tf.int64)
     return tf.bitwise.bitwise_and(bits, tf.constant(2**63 - 1, tf.int64))
 
@@ -425,7 +442,7 @@ def _options(ds):
 # --------------------------------------------------------------------------------------------
 
 
-def _numpy_batches(ds, records_ds, source, batch_size):
+def _numpy_batches(ds, records_ds, split, batch_size):
     """Iterates ds as numpy; names the file when an image cannot be decoded.
 
     On a decoding error in batch k, the records of that batch (positions k*B..k*B+B-1 of
@@ -439,7 +456,7 @@ def _numpy_batches(ds, records_ds, source, batch_size):
         except StopIteration:
             return
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as err:
-            bad = _find_undecodable(records_ds.skip(count * batch_size).take(batch_size), source)
+            bad = _find_undecodable(records_ds.skip(count * batch_size).take(batch_size), split)
             if bad is None:
                 raise
             raise ValueError(
@@ -450,17 +467,85 @@ def _numpy_batches(ds, records_ds, source, batch_size):
         yield batch
 
 
-def _find_undecodable(records_ds, source):
+def _find_undecodable(records_ds, split):
     """Description of the first record of records_ds whose image fails to decode, or None."""
     for record in records_ds:
-        encoded = source.load(record)["image"]
+        encoded = split.load(record)["image"]
         try:
             preprocess_eval(encoded, image_size=8, crop_fraction=1.0)
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
-            return source.describe(
+            return split.describe(
                 {k: v.numpy() for k, v in record.items()} if isinstance(record, dict) else record
             )
     return None
+
+
+def _shard_sizes_checked(split_sizes, layout, split_name):
+    """Refuses empty shards (more shards than examples)."""
+    if min(split_sizes) == 0:
+        fits = [d for d in range(1, layout.num_shards + 1) if d <= sum(split_sizes)]
+        raise ValueError(
+            f"config.data_shards={layout.num_shards} cuts split {split_name!r} of "
+            f"{sum(split_sizes)} examples into shards of which some are empty; use at most "
+            f"data_shards={max(fits)} shards (a divisor of config.batch_size)."
+        )
+
+
+def _train_records(config, start_step, process_index, process_count):
+    """This process's undecoded training records from step `start_step` on, in batch order.
+
+    Returns (records, split, layout): `records` is an endless dataset of {'shard', 'position',
+    'record'} in which each local batch is layout.per_step consecutive examples of each of the
+    process's shards, in shard order; `position` counts the examples of that shard's stream.
+    """
+    layout = data_shards.layout(
+        int(config.batch_size), _get(config, "data_shards", 1), process_index, process_count
+    )
+    train_split, _ = _splits(config)
+    split = _split(config, train_split, layout.num_shards)
+    _shard_sizes_checked(split.sizes, layout, train_split)
+    seed = int(_get(config, "seed", 0))
+    # One buffer of shuffle_buffer records for the whole data, divided among the shards: a host
+    # holds the buffers of its own shards only.
+    shuffle_buffer = int(_get(config, "shuffle_buffer", 10_000)) // layout.num_shards
+    sizes = tf.constant(split.sizes, tf.int64)
+    # How much is read at once is spread over the process's shards; the order does not change.
+    parallel_reads = max(1, 16 // layout.count)
+    read_buffer = max(256 << 10, (8 << 20) // layout.count)
+
+    def shard_stream(shard):
+        def epoch(e):
+            records = split.records(
+                shard, _epoch_seed(seed, shard, e, salt=0), parallel_reads, read_buffer
+            )
+            if shuffle_buffer > 1:
+                records = records.shuffle(
+                    shuffle_buffer,
+                    seed=_epoch_seed(seed, shard, e, salt=1),
+                    reshuffle_each_iteration=False,
+                )
+            return records
+
+        # The shard's stream is a sequence of its epochs; the records that steps before
+        # start_step took from it are skipped while they are still encoded.
+        start = tf.constant(int(start_step) * layout.per_step, tf.int64)
+        start_epoch, offset = start // sizes[shard], start % sizes[shard]
+        records = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
+        positions = tf.data.Dataset.range(start, 2**62)
+        return tf.data.Dataset.zip(positions, records).map(
+            lambda position, record: {"shard": shard, "position": position, "record": record}
+        )
+
+    shards = tf.data.Dataset.range(layout.first, layout.first + layout.count)
+    # Parallel: the shards' skips on resume, and their reads, run side by side.
+    parallel = min(layout.count, 16)
+    records = shards.interleave(
+        shard_stream,
+        cycle_length=layout.count,
+        block_length=layout.per_step,
+        **({"num_parallel_calls": parallel, "deterministic": True} if parallel > 1 else {}),
+    )
+    return records, split, layout
 
 
 def train_iterator(
@@ -469,65 +554,64 @@ def train_iterator(
     """Per-process training batches {'image': uint8 [B_local,S,S,3], 'label': int32} of steps
     [start_step, stop_step) (endless when stop_step is None).
 
-    B_local = config.batch_size // process_count. The sequence is a function of (config.seed,
-    epoch); starting at `start_step` yields exactly the batches an uninterrupted iterator yields
-    from that step (see the module docstring for how). process_index / process_count default to
+    B_local = config.batch_size // process_count: this process's part of the global batch, which
+    is a function of (config.seed, the step, the dataset) alone (module docstring). Starting at
+    `start_step` yields exactly the batches an uninterrupted iterator yields from that step,
+    whatever process count that one ran with. process_index / process_count default to
     jax.process_index() / jax.process_count(); tests override them to simulate several hosts.
     """
     process_index, process_count = _processes(process_index, process_count)
-    local_batch = _local_batch_size(int(config.batch_size), process_count, "batch_size")
-    train_split, _ = _splits(config)
-    source = _source(config, train_split, process_index, process_count)
-    if source.num_examples == 0:
-        raise ValueError(f"process {process_index} has no examples of split {train_split!r}.")
+    records, split, layout = _train_records(config, start_step, process_index, process_count)
     seed = int(_get(config, "seed", 0))
-    image_size = int(config.image_size)
-    area_range = tuple(_get(config, "crop_area_range", (0.08, 1.0)))
-    aspect_range = tuple(_get(config, "crop_aspect_range", (3 / 4, 4 / 3)))
-    random_flip = bool(_get(config, "random_flip", True))
-    shuffle_buffer = int(_get(config, "shuffle_buffer", 10_000))
+    augment = functools.partial(
+        preprocess_train,
+        image_size=int(config.image_size),
+        area_range=tuple(_get(config, "crop_area_range", (0.08, 1.0))),
+        aspect_range=tuple(_get(config, "crop_aspect_range", (3 / 4, 4 / 3))),
+        random_flip=bool(_get(config, "random_flip", True)),
+    )
 
-    start = int(start_step) * local_batch  # position in this process's stream
-    start_epoch, offset = divmod(start, source.num_examples)
+    def process(element):
+        example = split.load(element["record"])
+        example_seed = _example_seed(seed, element["shard"], element["position"], layout.num_shards)
+        return {"image": augment(example["image"], example_seed), "label": example["label"]}
 
-    def epoch(e):
-        records = source.files(_epoch_seed(seed, e, salt=0))  # file order
-        if shuffle_buffer > 1:
-            records = records.shuffle(
-                shuffle_buffer, seed=_epoch_seed(seed, e, salt=1), reshuffle_each_iteration=False
-            )
-        return records
-
-    # Endless stream of epochs; the consumed records are skipped while still undecoded.
-    records = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch).skip(offset)
-
-    def process(position, record):
-        example = source.load(record)
-        image = preprocess_train(
-            example["image"],
-            _example_seed(seed, position, process_index, process_count),
-            image_size=image_size,
-            area_range=area_range,
-            aspect_range=aspect_range,
-            random_flip=random_flip,
-        )
-        return {"image": image, "label": example["label"]}
-
-    ds = records.enumerate(start=start)
-    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = records.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(layout.local_batch, drop_remainder=True)
     if stop_step is not None:
         ds = ds.take(max(int(stop_step) - int(start_step), 0))
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return _numpy_batches(_options(ds), records, source, local_batch)
+    undecoded = records.map(lambda element: element["record"])
+    return _numpy_batches(_options(ds), undecoded, split, layout.local_batch)
+
+
+def global_batch(config, step) -> tuple[np.ndarray, np.ndarray]:
+    """The global training batch of step `step`: (images uint8 [B,S,S,3], labels int32 [B]).
+
+    Exactly what a run of `config` trains on at that step, on any number of processes (in the
+    order of the global array), read in this one process: replays a step of a pod run in a
+    notebook. It reads what the step's shards read on resume (up to one epoch of encoded
+    records over all shards, read in parallel; README "Replaying a step").
+    """
+    batch = next(train_iterator(config, step, step + 1, process_index=0, process_count=1))
+    return batch["image"], batch["label"]
+
+
+def _eval_part(config, process_index, process_count):
+    """(this process's eval records, the split, eval batch per process, batches per pass).
+
+    The eval split is cut into one part per process: the order of evaluation does not matter.
+    """
+    local_batch = _local_batch_size(int(config.eval_batch_size), process_count, "eval_batch_size")
+    split = _split(config, _resolve_eval_split(config), process_count)
+    num_batches = math.ceil(max(split.sizes) / local_batch)
+    return split.records(process_index, None), split, local_batch, num_batches
 
 
 def num_eval_batches(config, *, process_count=None):
     """Number of batches of one eval pass (the same on every process)."""
     _, process_count = _processes(0, process_count)
-    local_batch = _local_batch_size(int(config.eval_batch_size), process_count, "eval_batch_size")
-    source = _source(config, _resolve_eval_split(config), 0, process_count)
-    return math.ceil(source.max_num_examples / local_batch)
+    return _eval_part(config, 0, process_count)[3]
 
 
 def eval_iterator(config, *, process_index=None, process_count=None) -> Iterator[dict]:
@@ -539,21 +623,18 @@ def eval_iterator(config, *, process_index=None, process_count=None) -> Iterator
     examples count each example of the split exactly once.
     """
     process_index, process_count = _processes(process_index, process_count)
-    local_batch = _local_batch_size(int(config.eval_batch_size), process_count, "eval_batch_size")
-    source = _source(config, _resolve_eval_split(config), process_index, process_count)
+    records, split, local_batch, num_batches = _eval_part(config, process_index, process_count)
     image_size = int(config.image_size)
     crop_fraction = float(_get(config, "eval_crop_fraction", DEFAULT_EVAL_CROP_FRACTION))
-    num_batches = math.ceil(source.max_num_examples / local_batch)
-    num_padding = num_batches * local_batch - source.num_examples
+    num_padding = num_batches * local_batch - split.sizes[process_index]
 
     def process(record):
-        example = source.load(record)
+        example = split.load(record)
         image = preprocess_eval(
             example["image"], image_size=image_size, crop_fraction=crop_fraction
         )
         return {"image": image, "label": example["label"], "mask": tf.constant(True)}
 
-    records = source.files(None)
     ds = records.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     padding = tf.data.Dataset.from_tensors(
         {
@@ -564,7 +645,7 @@ def eval_iterator(config, *, process_index=None, process_count=None) -> Iterator
     ).repeat(num_padding)
     ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return _numpy_batches(_options(ds), records, source, local_batch)
+    return _numpy_batches(_options(ds), records, split, local_batch)
 
 
 def get_dataset_info(config) -> DatasetInfo:

@@ -21,6 +21,7 @@ class StopSignal:
 
     def __init__(self):
         self._distributed = jax.distributed.is_initialized()
+        self._steps = 0
         self._event = threading.Event()
         self._previous = None
         if not self._distributed and threading.current_thread() is threading.main_thread():
@@ -33,7 +34,13 @@ class StopSignal:
     def reached(self, step: int) -> bool:
         """True when every process should stop after `step` (the same answer on all of them)."""
         if self._distributed:
-            return multihost_utils.reached_preemption_sync_point(step)
+            # JAX's sync point is the largest step id the processes reported + 1, where a
+            # process that has reported none counts 0. Reporting the global step would miss a
+            # signal that lands before the first step of a resumed run (sync point 1, first
+            # report start + 1): report the steps this run has taken instead (the same on every
+            # process, since all start from the same checkpoint).
+            self._steps += 1
+            return multihost_utils.reached_preemption_sync_point(self._steps)
         return self._event.is_set()
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from absl import logging
 from xception_jax import (
     checkpoints,
     config_validation,
+    data_shards,
     models,
     ops,
     optim,
@@ -221,19 +222,20 @@ def eval_step(params, batch_stats, batch, *, model) -> dict:
     }
 
 
-def jit_steps(model, tx, config: ml_collections.ConfigDict, mesh):
+def jit_steps(model, tx, config: ml_collections.ConfigDict, mesh, donate: bool = True):
     """The jitted train and eval steps of `config` on `mesh`, as train_and_evaluate runs them.
 
     The one place that sets how the steps compile (output shardings, donation of the train
-    state, compiler options for the mesh's platform), shared by train_and_evaluate and by
-    xception_jax.aot, which compiles them for a TPU slice. Build `model` for the same platform
+    state, compiler options for the mesh's platform), shared by train_and_evaluate, by
+    xception_jax.aot, which compiles them for a TPU slice, and by replays (restore_for_replay,
+    which keeps the state it is given: donate=False). Build `model` for the same platform
     (create_model_from_config(..., platform=sharding.mesh_platform(mesh))).
     """
     replicated = sharding.replicated(mesh)
     p_train_step = jax.jit(
         functools.partial(train_step, model=model, tx=tx, config=config),
         out_shardings=(replicated, replicated),
-        donate_argnums=0,
+        donate_argnums=0 if donate else (),
         compiler_options=ops.compiler_options(sharding.mesh_platform(mesh)),
     )
     p_eval_step = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
@@ -247,6 +249,39 @@ def abstract_train_state(model, tx, config: ml_collections.ConfigDict, mesh):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         jax.eval_shape(functools.partial(init_state, model, tx, config)),
     )
+
+
+def restore_for_replay(workdir: str, step: int, devices=None, data_dir: str | None = None):
+    """Checkpoint `step` of a run as a full TrainState, to replay the run's step `step`.
+
+    Returns (state, p_train_step, mesh, config): the TrainState after `step` steps (params,
+    BatchNorm statistics, optimizer state), replicated on a mesh over `devices` (every device
+    when None), the run's train step jitted for that mesh (it leaves `state` intact), and the
+    run's config (`data_dir` replaces config.data_dir when given, e.g. where a copy of the data
+    is). With the step's batch (input_pipeline.global_batch) the train step computes what the
+    run computed at that step, up to the order of float additions when the device count
+    differs: README "Replaying a step".
+    """
+    from xception_jax import input_pipeline  # TensorFlow: imported where data is read
+
+    manager = checkpoints.create_manager(workdir, max_to_keep=None, read_only=True)
+    if step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"No checkpoint {step} in {manager.directory}; have {manager.all_steps()}. Replay a "
+            "step that a checkpoint starts (config.checkpoint_every_steps sets which), or the "
+            "nearest one before it and the steps in between."
+        )
+    config = ml_collections.ConfigDict(checkpoints.read_meta(manager, step)["config"])
+    if data_dir is not None:
+        config.data_dir = data_dir
+    info = input_pipeline.get_dataset_info(config)
+    mesh = sharding.create_mesh(devices)
+    model = create_model_from_config(config, info.num_classes, sharding.mesh_platform(mesh))
+    tx, _ = optim.create_optimizer(config, info.num_train_examples)
+    state = checkpoints.restore_state(manager, step, abstract_train_state(model, tx, config, mesh))
+    manager.close()
+    p_train_step, _ = jit_steps(model, tx, config, mesh, donate=False)
+    return state, p_train_step, mesh, config
 
 
 def abstract_batch(batch_size: int, image_size: int, mesh, eval_mask: bool = False) -> dict:
@@ -412,6 +447,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         logging.info("Resumed from checkpoint %d in %s.", int(state.step), manager.directory)
         stored = checkpoints.read_meta(manager, int(state.step))
         chrono.device_seconds_before = stored.get("device_seconds", 0.0)
+        changes = data_shards.order_changes(stored.get("config", {}), config)
+        if changes:  # Allowed (e.g. data_shards for a larger slice), but no longer one run.
+            logging.warning(
+                "The data order changes at this resume (%s): the batches from step %d on are "
+                "not those the run that wrote the checkpoint would have trained on.",
+                "; ".join(changes),
+                int(state.step),
+            )
     else:
         state = init()
         if pretrained.requested(config):  # Fine-tuning: a new run starts from pretrained weights.
@@ -427,6 +470,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     )
 
     start_step = int(jax.device_get(state.step))
+    if start_step >= num_steps:
+        logging.info(
+            "Checkpoint %d is the last step of this run (%d steps): nothing left to train. "
+            "Raise config.num_train_steps (or num_epochs) to train on, or train into a new "
+            "--workdir.",
+            start_step,
+            num_steps,
+        )
+        manager.close()
+        return state
     checkpoints.write_config(workdir, config)
     log = MetricsLog(workdir, start_step)
 
