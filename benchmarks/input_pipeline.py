@@ -6,7 +6,9 @@ Cases:
   noise) prepared by the real imagenet2012 TFDS builder from fake ILSVRC2012 tars, at 299 px;
 - the same fake ImageNet: records/s of the skip that exact resume does (encoded, no decoding);
 each with config.data_shards = 1 (the layout of one process before data_shards existed) and 16
-(the default), and the ratio between them.
+(the default), and the ratio between them;
+- the same fake ImageNet read in one global permutation per epoch from an ArrayRecord copy
+  (the alternative to logical shards), against data_shards=1.
 
     python benchmarks/input_pipeline.py [--batches 30] [--data_shards 1,16] \
         [--work_dir /tmp/xj_bench_input]
@@ -105,6 +107,57 @@ def images_per_second(config, batches, warmup=3):
     return batches * config.batch_size / (time.perf_counter() - start)
 
 
+def global_permutation_images_per_second(config, batches, warmup=3):
+    """images/s of the alternative to logical shards: one global permutation of example indices
+    per epoch over a random-access copy of the dataset (TFDS ArrayRecord, tfds.data_source),
+    each index read through tf.numpy_function, then the same decode and augmentation as
+    train_iterator. (grain, the other way to drive it, was 1.6-5x slower than tf.data at the
+    decode and augmentation alone: ../shared/FINDINGS.md "Data".)"""
+    import functools
+
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from xception_jax import input_pipeline as ip
+
+    data_dir = config.data_dir + "_array_record"
+    builder = tfds.builder(config.dataset, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=config.manual_dir, try_download_gcs=False
+            )
+        )
+    source = tfds.data_source(
+        config.dataset,
+        data_dir=data_dir,
+        split=config.train_split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        builder_kwargs={"file_format": "array_record"},
+    )
+    order = np.random.default_rng(config.seed).permutation(len(source))
+
+    def read(index):
+        example = source[int(index)]
+        return example["image"], np.int32(example["label"])
+
+    def load(position, index):
+        image, label = tf.numpy_function(read, [index], (tf.string, tf.int32))
+        seed = tf.stack([tf.constant(config.seed, tf.int64), position])
+        augment = functools.partial(ip.preprocess_train, image_size=config.image_size)
+        return {"image": augment(tf.reshape(image, []), seed), "label": label}
+
+    ds = tf.data.Dataset.from_tensor_slices(order).repeat().enumerate()
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    iterator = iter(ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * config.batch_size / (time.perf_counter() - start)
+
+
 def skip_records_per_second(config, records):
     """records/s (and MB/s) of the skip that train_iterator(config, start_step) does on resume.
 
@@ -173,6 +226,14 @@ def main(argv=None):
                 f"train {name:34s} {size:3d} px, data_shards={shards:3d}: {rates[-1]:8.0f} "
                 f"images/s ({rates[-1] / rates[0]:.2f}x data_shards={shard_counts[0]})"
             )
+    config = _config(data_dir=data_dir, manual_dir=manual, dataset="imagenet2012", image_size=299)
+    config.batch_size = args.batch_size
+    rate = global_permutation_images_per_second(config, args.batches)
+    print(
+        f"train {'imagenet2012 (fake), global permutation':34s} 299 px, ArrayRecord + "
+        f"numpy_function: {rate:8.0f} images/s ({rate / results[-len(shard_counts)][3]:.2f}x "
+        f"data_shards={shard_counts[0]})"
+    )
     for shards in shard_counts:
         config = _config(
             data_dir=data_dir, manual_dir=manual, dataset="imagenet2012", image_size=299

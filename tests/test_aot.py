@@ -16,7 +16,7 @@ import pytest
 from procs import REPO
 from test_train import small_config
 
-from xception_jax import aot, ops, train
+from xception_jax import aot, config_validation, ops, train
 
 # Before libtpu loads (at the first TPU topology below); the subprocesses inherit it.
 os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
@@ -73,6 +73,21 @@ def test_slices_have_the_chips_their_names_say_and_bad_names_are_refused():
             aot.parse_topology(bad)
     assert aot.larger_slice(aot.parse_topology("v5e-4")) == "v5e-8"
     assert aot.larger_slice(aot.parse_topology("v4-8")) == "v4-16"
+
+
+def test_a_slice_with_more_hosts_than_the_data_shards_allow_is_refused():
+    from configs import imagenet
+
+    assert [aot.parse_topology(n).hosts for n in ("v5e-1", "v4-8", "v5e-256", "v4-1024")] == [
+        1, 1, 64, 128,
+    ]  # fmt: skip
+    config = imagenet.get_config()  # data_shards=64: up to 64 hosts
+    config.grad_accum_steps = 1
+    with pytest.raises(
+        config_validation.ConfigError,
+        match=r"data_shards=64 is not a multiple of the 128 processes.*data_shards=128",
+    ):
+        next(aot.run(config, ["v4-1024"], find_max=False, with_eval=False, num_classes=1000))
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,16 @@ def four_step_run(digits_data_dir, tmp_path_factory):
     return workdir
 
 
+def test_rerunning_a_finished_run_trains_nothing_and_changes_nothing(
+    four_step_run, digits_data_dir, tmp_path
+):
+    workdir = copy_run(four_step_run, tmp_path)
+    before = snapshot(workdir)
+    state = train.train_and_evaluate(small_config(digits_data_dir), workdir, one_device())
+    assert int(state.step) == 4
+    assert snapshot(workdir) == before
+
+
 def copy_run(src, tmp_path):
     dst = str(tmp_path / "run")
     shutil.copytree(src, dst)

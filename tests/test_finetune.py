@@ -94,14 +94,17 @@ def test_finetune_from_keras_changes_only_what_the_freeze_allows(keras_file, tmp
         for label in range(3):
             os.makedirs(root / split / f"c{label}")
             for i in range(count):
+                # Shades that differ within a class: a batch of one class still has variance,
+                # so BatchNorm's statistics and scales get gradients whichever pair it holds.
                 (root / split / f"c{label}" / f"{i}.jpg").write_bytes(
-                    solid_jpeg(label_color(label))
+                    solid_jpeg(label_color(label) + 4 * i)
                 )
     config = finetune.get_config()
     config.init_from_keras = keras_file
     config.image_folder = str(root)
     config.image_size = 71
     config.batch_size = 2
+    config.data_shards = 2
     config.eval_batch_size = 4
     config.freeze_backbone_steps = 1
     config.num_train_steps = 2

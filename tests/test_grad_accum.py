@@ -156,18 +156,21 @@ def test_one_microbatch_is_bitwise_the_plain_step():
 
 
 def test_batch_that_microbatches_and_devices_do_not_divide_is_refused_with_the_fix(tmp_path):
-    config = small_config(None, batch_size=24, grad_accum_steps=4)
+    config = small_config(None, batch_size=24, grad_accum_steps=4, data_shards=8)
     with pytest.raises(config_validation.ConfigError) as e:
         config_validation.validate(config, None, str(tmp_path), num_devices=4)
     text = str(e.value)
     assert "config.batch_size=24" in text and "grad_accum_steps=4" in text
     assert "multiple of grad_accum_steps x devices = 16" in text
     assert "batch_size=16" in text and "grad_accum_steps=3" in text
-    config = small_config(None, batch_size=24, grad_accum_steps=0)
+    config = small_config(None, batch_size=24, grad_accum_steps=0, data_shards=8)
     with pytest.raises(config_validation.ConfigError, match="must be an integer >= 1"):
         config_validation.validate(config, None, str(tmp_path), num_devices=4)
     config_validation.validate(
-        small_config(None, batch_size=24, grad_accum_steps=3), None, str(tmp_path), num_devices=4
+        small_config(None, batch_size=24, grad_accum_steps=3, data_shards=8),
+        None,
+        str(tmp_path),
+        num_devices=4,
     )
 
 
