@@ -94,17 +94,21 @@ def _config(**overrides):
     return ml_collections.ConfigDict(fields)
 
 
-def images_per_second(config, batches, warmup=3):
-    """images/s of train_iterator(config) over `batches` batches after `warmup`."""
-    from xception_jax import input_pipeline
-
-    iterator = input_pipeline.train_iterator(config)
+def _timed_rate(iterator, batch_size, batches, warmup):
+    """images/s of `iterator` over `batches` batches after `warmup`."""
     for _ in range(warmup):
         next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
         next(iterator)
-    return batches * config.batch_size / (time.perf_counter() - start)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def images_per_second(config, batches, warmup=3):
+    """images/s of train_iterator(config) over `batches` batches after `warmup`."""
+    from xception_jax import input_pipeline
+
+    return _timed_rate(input_pipeline.train_iterator(config), config.batch_size, batches, warmup)
 
 
 def global_permutation_images_per_second(config, batches, warmup=3):
@@ -150,12 +154,7 @@ def global_permutation_images_per_second(config, batches, warmup=3):
     ds = tf.data.Dataset.from_tensor_slices(order).repeat().enumerate()
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     iterator = iter(ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE))
-    for _ in range(warmup):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    return batches * config.batch_size / (time.perf_counter() - start)
+    return _timed_rate(iterator, config.batch_size, batches, warmup)
 
 
 def skip_records_per_second(config, records):

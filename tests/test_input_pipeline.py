@@ -335,5 +335,9 @@ def test_shards_that_do_not_fit_the_batch_or_the_processes_are_refused(
                        r"divides 4 \(\[1, 2, 4\]\).*data_shards=12"):  # fmt: skip
         _ip().train_iterator(config, process_index=0, process_count=3)
     config = data_config(data_dir=digits_data_dir, train_split="test[:3]", data_shards=4)
-    with pytest.raises(ValueError, match=r"some are empty; use at most data_shards=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"data_shards=4 is more than split 'test\[:3\]' has examples \(3\).*"
+        r"Use data_shards=2",
+    ):
         _ip().train_iterator(config)

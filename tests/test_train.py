@@ -88,22 +88,6 @@ def eight_device_run(digits_data_dir, tmp_path_factory):
     return workdir, state
 
 
-@pytest.fixture(scope="module")
-def noise_image_folder(tmp_path_factory):
-    """An image folder of random-noise PNGs in 2 classes (no two pixels tied, see below)."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("noise")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 32), ("test", 16)):
-        for label in ("a", "b"):
-            os.makedirs(root / split / label)
-            for i in range(count // 2):
-                pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
-    return str(root)
-
-
 def test_one_and_eight_devices_agree(noise_image_folder, tmp_path):
     # BatchNorm statistics come from the global batch, so the split cannot change the result.
     # Noise images, not digits: the digits' exactly black background gives exact ties, where

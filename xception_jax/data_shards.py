@@ -89,8 +89,7 @@ def order_changes(stored: dict, config) -> list[str]:
     the process count: every batch after the resume differs from what that run would have seen.
     """
     if "data_shards" not in stored:
-        return ["the checkpoint predates config.data_shards (its data order followed the process "
-                "count)"]  # fmt: skip
+        return ["the checkpoint predates config.data_shards: its data order followed the hosts"]
     changes = []
     for field in ORDER_FIELDS:
         old, new = stored.get(field), config.get(field)

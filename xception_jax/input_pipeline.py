@@ -480,14 +480,15 @@ def _find_undecodable(records_ds, split):
     return None
 
 
-def _shard_sizes_checked(split_sizes, layout, split_name):
-    """Refuses empty shards (more shards than examples)."""
+def _check_no_empty_shard(split_sizes, layout, batch_size, split_name):
+    """Refuses more shards than the split has examples (some would be empty)."""
+    total = sum(split_sizes)
     if min(split_sizes) == 0:
-        fits = [d for d in range(1, layout.num_shards + 1) if d <= sum(split_sizes)]
+        fits = max(d for d in range(1, total + 1) if batch_size % d == 0)
         raise ValueError(
-            f"config.data_shards={layout.num_shards} cuts split {split_name!r} of "
-            f"{sum(split_sizes)} examples into shards of which some are empty; use at most "
-            f"data_shards={max(fits)} shards (a divisor of config.batch_size)."
+            f"config.data_shards={layout.num_shards} is more than split {split_name!r} has "
+            f"examples ({total}): some shards would be empty. Use data_shards={fits} (a divisor "
+            f"of config.batch_size={batch_size} no larger than {total})."
         )
 
 
@@ -503,7 +504,7 @@ def _train_records(config, start_step, process_index, process_count):
     )
     train_split, _ = _splits(config)
     split = _split(config, train_split, layout.num_shards)
-    _shard_sizes_checked(split.sizes, layout, train_split)
+    _check_no_empty_shard(split.sizes, layout, int(config.batch_size), train_split)
     seed = int(_get(config, "seed", 0))
     # One buffer of shuffle_buffer records for the whole data, divided among the shards: a host
     # holds the buffers of its own shards only.
