@@ -108,8 +108,8 @@ def _fingerprints(batch):
 
 @pytest.mark.parametrize("source", ["digits_sharded_data_dir", "noise_image_folder"])
 def test_global_batches_are_the_same_on_any_process_count(request, data_config, source):
-    # 4 logical shards; 1, 2 and 4 processes read 4, 2 and 1 of them. Step 5 crosses the end
-    # of the noise folder's first epoch (48 images, 8 per step).
+    # 4 logical shards; 1, 2 and 4 processes read 4, 2 and 1 of them. Step 4 starts the noise
+    # folder's second epoch (32 images, 8 per step).
     path = request.getfixturevalue(source)
     if source == "noise_image_folder":
         config = data_config(dataset="image_folder", image_folder=path, batch_size=8)

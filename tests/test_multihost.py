@@ -26,8 +26,8 @@ from xception_jax import checkpoints, input_pipeline, sharding, train
 TIMEOUT = 480
 # Noise images (conftest.noise_image_folder), not the digits: their exact-black backgrounds
 # make ReLU and max-pool ties follow the rounding noise of the all-reduce, and runs that add in
-# another order drift apart after ~4 steps (../shared/FINDINGS.md). 48 training images in 4
-# logical shards of 12, 4 of each per step of 16: the shards' first epochs end at step 3.
+# another order drift apart after ~4 steps (../shared/FINDINGS.md). 32 training images in 4
+# logical shards of 8, 4 of each per step of 16: the shards' first epochs end at step 2.
 STEPS = 5
 STOP = 3  # where the 2-process run stops and the 1-process run takes over
 RESUMED_FROM = 2  # the 1-process checkpoint the preempted 2-process job starts from
