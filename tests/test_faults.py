@@ -103,6 +103,9 @@ def test_sigkill_at_three_moments_then_rerun_equals_the_uninterrupted_run(
                 log_every_steps=2,
                 checkpoint_every_steps=2,
                 eval_every_steps=1000,
+                # The accumulated step (a lax.scan over 2 microbatches): its resume is covered
+                # too, and the plain step's by test_train.test_resume_equals_uninterrupted_run.
+                grad_accum_steps=2,
             ),
         ]
 

@@ -1,18 +1,17 @@
-"""Gradient accumulation (config.grad_accum_steps): the update, the plain step, resume, config."""
+"""Gradient accumulation (config.grad_accum_steps): the update, the plain step, config. (Its
+resume after a kill: tests/test_faults.py.)"""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import procs
 import pytest
-from test_faults import TIMEOUT, assert_bitwise_equal, params_of
+from test_faults import assert_bitwise_equal
 from test_train import small_config
 
-from xception_jax import checkpoints, config_validation, models, ops, optim, train
+from xception_jax import config_validation, models, ops, optim, train
 
 BATCH, SIZE, CLASSES = 8, 32, 10
 
@@ -172,36 +171,3 @@ def test_batch_that_microbatches_and_devices_do_not_divide_is_refused_with_the_f
         str(tmp_path),
         num_devices=4,
     )
-
-
-def test_two_microbatch_run_resumes_exactly_after_a_kill(digits_data_dir, tmp_path):
-    pool = procs.ProcessPool(tmp_path)
-    try:
-
-        def args(workdir):
-            return [
-                "--config=configs/default.py",
-                f"--workdir={workdir}",
-                *procs.small_overrides(
-                    digits_data_dir,
-                    num_train_steps=6,
-                    checkpoint_every_steps=2,
-                    eval_every_steps=1000,
-                    grad_accum_steps=2,
-                ),
-            ]
-
-        whole_dir, workdir = str(tmp_path / "whole"), str(tmp_path / "run")
-        whole = pool.start(args(whole_dir), "whole", num_devices=2)
-        killed = pool.start(args(workdir), "killed", num_devices=2)
-        ckpt = os.path.join(checkpoints.checkpoint_dir(workdir), "2")
-        procs.wait_for(lambda: os.path.isdir(ckpt), [killed], TIMEOUT, "checkpoint 2")
-        killed.kill_group()  # SIGKILL while step 3 or 4 runs
-        final = pool.start(args(workdir), "final", num_devices=2)
-        assert final.wait(TIMEOUT) == 0, final.log()[-4000:]
-        assert "Resumed from checkpoint" in final.log()
-        assert whole.wait(TIMEOUT) == 0, whole.log()[-4000:]
-        resumed, expected = params_of(workdir), params_of(whole_dir)
-        assert_bitwise_equal(resumed, expected)
-    finally:
-        pool.close()
