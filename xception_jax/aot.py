@@ -322,10 +322,13 @@ class SliceCompiler:
 def find_max_batch(compiler: SliceCompiler, start: int) -> tuple[dict | None, list[dict]]:
     """(report of the largest fitting train-step batch or None, every report made on the way).
 
-    Batches are multiples of chips x grad_accum_steps; doubles (or halves) from `start` to
-    bracket the limit, then bisects.
+    Batches are multiples of chips x grad_accum_steps and of config.data_shards (every batch
+    found then trains); doubles (or halves) from `start` to bracket the limit, then bisects.
     """
-    unit = compiler.topology.chips * compiler.config.get("grad_accum_steps", 1)
+    unit = math.lcm(
+        compiler.topology.chips * compiler.config.get("grad_accum_steps", 1),
+        compiler.config.get("data_shards", 1),
+    )
     tried: dict[int, dict] = {}
 
     def fits(units: int) -> bool:
