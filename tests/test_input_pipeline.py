@@ -341,3 +341,23 @@ def test_shards_that_do_not_fit_the_batch_or_the_processes_are_refused(
         r"Use data_shards=2",
     ):
         _ip().train_iterator(config)
+
+
+def test_a_resume_names_what_changes_its_data_order():
+    import json
+
+    from configs import default
+    from xception_jax import data_shards
+
+    config = default.get_config()
+    stored = json.loads(config.to_json_best_effort())  # as a checkpoint's meta holds it
+    assert data_shards.order_changes(stored, config) == []  # tuples stored as lists: no change
+    config.data_shards, config.seed = 8, 3
+    assert data_shards.order_changes(stored, config) == [
+        "config.seed: 0 -> 3",
+        "config.data_shards: 16 -> 8",
+    ]
+    config.num_train_steps = 10  # where a run stops is not its data order
+    assert len(data_shards.order_changes(stored, config)) == 2
+    del stored["data_shards"]  # a checkpoint from before data_shards
+    assert "predates config.data_shards" in data_shards.order_changes(stored, config)[0]
