@@ -129,6 +129,34 @@ def noise_image_folder(tmp_path_factory):
     return str(root)
 
 
+_KERAS_H5_SCRIPT = """
+import sys
+import h5py, keras
+from keras.src.legacy.saving import legacy_h5_format
+keras.utils.set_random_seed(0)
+model = keras.applications.Xception(
+    weights=None, input_shape=(71, 71, 3), classes=int(sys.argv[2]), classifier_activation=None)
+with h5py.File(sys.argv[1], "w") as f:  # The layout of Keras's ImageNet files.
+    legacy_h5_format.save_weights_to_hdf5_group(f, model)
+"""
+
+
+def write_random_keras_h5(path, classes):
+    """A randomly initialised Keras Xception (71 px, `classes` classes) saved at `path` in the
+    legacy .h5 layout of Keras's ImageNet files, by Keras itself in a subprocess."""
+    import subprocess
+
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    subprocess.run(
+        [sys.executable, "-c", _KERAS_H5_SCRIPT, str(path), str(classes)],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    return str(path)
+
+
 def make_data_config(**overrides):
     """A data config (the fields input_pipeline reads) for small, fast test pipelines."""
     import ml_collections

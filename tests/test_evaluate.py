@@ -2,14 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
-from conftest import solid_jpeg
+from conftest import solid_jpeg, write_random_keras_h5
 from test_train import read_metrics, small_config
 
 from xception_jax import evaluate, keras_weights, predict, train
@@ -36,27 +33,12 @@ def test_workdir_equals_its_last_eval(tiny_run, tmp_path, capsys):
         assert json.loads(f.read()) == printed == result
 
 
-KERAS_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import h5py, keras
-    from keras.src.legacy.saving import legacy_h5_format
-    keras.utils.set_random_seed(0)
-    model = keras.applications.Xception(
-        weights=None, input_shape=(71, 71, 3), classes=3, classifier_activation=None)
-    with h5py.File(sys.argv[1], "w") as f:  # The layout of Keras's ImageNet files.
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    """
-)
 COLORS = {"blue": (0, 0, 255), "green": (0, 160, 0), "red": (255, 0, 0)}
 
 
 def test_keras_file_equals_apply_by_hand(tmp_path):
     pytest.importorskip("keras")
-    keras_file = str(tmp_path / "xception.h5")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    subprocess.run([sys.executable, "-c", KERAS_SCRIPT, keras_file], env=env, check=True)
+    keras_file = write_random_keras_h5(tmp_path / "xception.h5", classes=3)
     # Three classes, 3 + 2 + 2 test images: 7 examples, so the last batch is padded. (The
     # dataset's class list comes from its train split: the same images.)
     paths, labels = [], []

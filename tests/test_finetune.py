@@ -1,41 +1,22 @@
 """Fine-tuning: pretrained loading, head replacement, and a freeze that freezes exactly."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import write_random_keras_h5
 
 from configs import finetune
 from xception_jax import checkpoints, keras_weights, optim, pretrained, train
-
-KERAS_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import h5py, keras
-    from keras.src.legacy.saving import legacy_h5_format
-    keras.utils.set_random_seed(0)
-    model = keras.applications.Xception(
-        weights=None, input_shape=(71, 71, 3), classes=5, classifier_activation=None)
-    with h5py.File(sys.argv[1], "w") as f:  # The layout of Keras's ImageNet files.
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    """
-)
 
 
 @pytest.fixture(scope="module")
 def keras_file(tmp_path_factory):
     """A randomly initialised Keras Xception (5 classes) saved as a legacy .h5 weight file."""
-    path = str(tmp_path_factory.mktemp("keras") / "xception.h5")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    subprocess.run([sys.executable, "-c", KERAS_SCRIPT, path], env=env, check=True, timeout=300)
-    return path
+    return write_random_keras_h5(tmp_path_factory.mktemp("keras") / "xception.h5", classes=5)
 
 
 def test_freeze_for_steps_gives_zero_updates_and_keeps_the_optimizer_state():

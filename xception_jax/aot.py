@@ -45,8 +45,8 @@ flags.DEFINE_list(
 flags.DEFINE_bool(
     "find_max_batch",
     False,
-    "Search the largest global batch (a multiple of chips x grad_accum_steps) whose train "
-    "step fits, instead of compiling config.batch_size.",
+    "Search the largest global batch (a multiple of chips x grad_accum_steps and of "
+    "config.data_shards) whose train step fits, instead of compiling config.batch_size.",
     flag_values=FLAGS,
 )
 flags.DEFINE_bool(
