@@ -45,7 +45,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     absl_logging.get_absl_handler().addFilter(_quiet_orbax)
-    from xception_jax import hugepages
+    from xception_jax.platform import hugepages
 
     absl_logging.info(
         "malloc with transparent huge pages: %s (GLIBC_TUNABLES=%r; see xception_jax/hugepages.py)",
@@ -53,15 +53,16 @@ def main(argv):
         os.environ.get("GLIBC_TUNABLES"),
     )
     # Imported here so that --help and flag errors come back without loading JAX/TF.
-    from xception_jax import checkpoints, config_validation, sharding, train
+    from xception_jax.platform import sharding
+    from xception_jax.training import checkpoints, config_checks, loop
 
     # Errors a user can fix (config, checkpoint, cluster setup, diverged training) end the run
     # with their message, no traceback; anything else keeps its traceback.
     user_errors = (
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         checkpoints.CheckpointError,
         sharding.DistributedSetupError,
-        train.NonFiniteLossError,
+        loop.NonFiniteLossError,
     )
     try:
         # A lone process gets no jax.distributed (no coordinator port to open): preemption
@@ -75,7 +76,7 @@ def main(argv):
             heartbeat_timeout=FLAGS.heartbeat_timeout,
             shutdown_timeout=FLAGS.shutdown_timeout,
         )
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except user_errors as e:
         absl_logging.error("%s: %s", type(e).__name__, e)
         sys.exit(1)
@@ -103,7 +104,7 @@ def exit_without_teardown() -> None:
 
 
 if __name__ == "__main__":
-    from xception_jax import hugepages
+    from xception_jax.platform import hugepages
 
     hugepages.reexec_with_hugepages()  # faster CPU steps; XCEPTION_JAX_HUGEPAGES=0 opts out
     app.run(main, flags_parser=parse_flags)

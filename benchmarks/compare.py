@@ -8,9 +8,9 @@ codebase the train step's compile time alone (trace, lower and XLA compile, time
 first call), and the peak resident memory (ru_maxrss) after inference and after training.
 
 Systems (``--systems``):
-  flax            this codebase: ``xception_jax.train.train_step`` (the step train.py jits, with
-                  buffer donation) and ``eval``-mode ``model.apply``; ``flax:IMPL`` picks the
-                  depthwise implementation (``taps``, ``taps_vjp``, ``lax``; default: the
+  flax            this codebase: ``xception_jax.training.steps.train_step`` (the step train.py
+                  jits, with buffer donation) and ``eval``-mode ``model.apply``; ``flax:IMPL``
+                  picks the depthwise implementation (``taps``, ``taps_vjp``, ``lax``; default: the
                   backend's); ``flax:IMPL@DIR`` imports xception_jax from DIR instead (e.g. an
                   older version: ``git archive REV xception_jax | tar -x -C DIR``);
                   ``flax:IMPL+remat`` sets the model's ``remat`` (recompute, less memory).
@@ -50,7 +50,7 @@ PEERS = ("keras-tf", "keras-jax", "timm")
 DEFAULT_SYSTEMS = ("flax", "keras-tf", "keras-jax", "timm")
 NUM_CLASSES = 1000
 RESULT_TAG = "RESULT "
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"  # = xception_jax.hugepages.TUNABLE
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"  # = xception_jax.platform.hugepages.TUNABLE
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,12 +90,13 @@ def _flax_runner(impl: str, size: int, batch: int, tree: str = ROOT, overrides=N
     import optax
 
     sys.path.insert(0, tree)
-    from xception_jax import models, ops, train
+    from xception_jax.model import ops, registry, xception
+    from xception_jax.training import steps, train_state
 
     # As train.py jits it; trees from before ops.compiler_options existed compile without.
     options = ops.compiler_options() if hasattr(ops, "compiler_options") else None
 
-    model = models.create_model(
+    model = registry.create_model(
         "xception", num_classes=NUM_CLASSES, depthwise_impl=impl, **(overrides or {})
     )
     config = ml_collections.ConfigDict(
@@ -113,16 +114,16 @@ def _flax_runner(impl: str, size: int, batch: int, tree: str = ROOT, overrides=N
         "image": jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)),
         "label": jnp.asarray(rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32)),
     }
-    holder = {"state": jax.jit(lambda: train.init_state(model, tx, config))()}
+    holder = {"state": jax.jit(lambda: train_state.init_state(model, tx, config))()}
     step_fn = jax.jit(
-        lambda state, b: train.train_step(state, b, model=model, tx=tx, config=config),
+        lambda state, b: steps.train_step(state, b, model=model, tx=tx, config=config),
         donate_argnums=0,
         compiler_options=options,
     )
 
     @jax.jit
     def infer_fn(params, batch_stats, images):
-        x = models.preprocess(images, model.dtype)
+        x = xception.preprocess(images, model.dtype)
         return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
 
     compiled, compile_s = {}, {}

@@ -106,9 +106,9 @@ def _timed_rate(iterator, batch_size, batches, warmup):
 
 def images_per_second(config, batches, warmup=3):
     """images/s of train_iterator(config) over `batches` batches after `warmup`."""
-    from xception_jax import input_pipeline
+    from xception_jax.data import pipeline
 
-    return _timed_rate(input_pipeline.train_iterator(config), config.batch_size, batches, warmup)
+    return _timed_rate(pipeline.train_iterator(config), config.batch_size, batches, warmup)
 
 
 def global_permutation_images_per_second(config, batches, warmup=3):
@@ -122,7 +122,7 @@ def global_permutation_images_per_second(config, batches, warmup=3):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from xception_jax import input_pipeline as ip
+    from xception_jax.data import preprocessing
 
     data_dir = config.data_dir + "_array_record"
     builder = tfds.builder(config.dataset, data_dir=data_dir, file_format="array_record")
@@ -148,7 +148,7 @@ def global_permutation_images_per_second(config, batches, warmup=3):
     def load(position, index):
         image, label = tf.numpy_function(read, [index], (tf.string, tf.int32))
         seed = tf.stack([tf.constant(config.seed, tf.int64), position])
-        augment = functools.partial(ip.preprocess_train, image_size=config.image_size)
+        augment = functools.partial(preprocessing.preprocess_train, image_size=config.image_size)
         return {"image": augment(tf.reshape(image, []), seed), "label": label}
 
     ds = tf.data.Dataset.from_tensor_slices(order).repeat().enumerate()
@@ -167,9 +167,9 @@ def skip_records_per_second(config, records):
     """
     import tensorflow as tf
 
-    from xception_jax import input_pipeline as ip
+    from xception_jax.data import pipeline
 
-    stream, split, _ = ip._train_records(config, 0, 0, 1)
+    stream, split, _ = pipeline._train_records(config, 0, 0, 1)
     size = sum(split.sizes)
     nbytes = stream.take(size).reduce(
         tf.constant(0, tf.int64),
@@ -193,19 +193,19 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
 
-    from xception_jax import input_pipeline
+    from xception_jax.data import sources
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
     print(f"cpu_count={os.cpu_count()} usable={cores} batch_size={args.batch_size}")
     data_dir = os.path.join(args.work_dir, "tfds")
     manual = os.path.join(args.work_dir, "ilsvrc2012")
-    input_pipeline.prepare_dataset("sklearn_digits", data_dir)
+    sources.prepare_dataset("sklearn_digits", data_dir)
     if not os.path.exists(os.path.join(manual, "ILSVRC2012_img_val.tar")):
         mean_size = make_fake_ilsvrc(manual)
         print(
             f"fake ILSVRC2012: 8 classes x 40 train JPEGs of 500x375, mean {mean_size / 1e3:.0f} KB"
         )
-    input_pipeline.prepare_dataset("imagenet2012", data_dir, manual)
+    sources.prepare_dataset("imagenet2012", data_dir, manual)
 
     shard_counts = [int(n) for n in args.data_shards.split(",")]
     results = []

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the op implementations of xception_jax.ops, against each other.
+"""Micro-benchmark of the op implementations of xception_jax.model.ops, against each other.
 
 Times the jitted forward and forward+backward (gradients w.r.t. input and, for convs, kernel)
 of every implementation of the depthwise conv ('taps', 'taps_vjp', 'lax'), the stem's dense
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from xception_jax import ops  # noqa: E402
+from xception_jax.model import ops  # noqa: E402
 
 # Per op, (input shape, stride[, out channels]): the layers of Xception at 299px batch 8 and at
 # 128px batch 32 (entry, middle, exit flows; the stem's two convs; the four max-pools), and one
@@ -90,12 +90,12 @@ def bench_layer(op: str, impl: str, case, iters: int) -> tuple[float, float]:
 
 
 def bench_model(name: str, op: str, impl: str, batch: int, size: int, iters: int) -> float:
-    """ms per train step (``xception_jax.train.train_step``, SGD) of a registered model."""
+    """ms per train step (``xception_jax.training.steps.train_step``, SGD) of a registered model."""
     import optax
 
     from configs import default
-    from xception_jax import train
-    from xception_jax.models import create_model
+    from xception_jax.model.registry import create_model
+    from xception_jax.training import steps, train_state
 
     model = create_model(name, num_classes=10, **{MODEL_FIELD[op]: impl})
     config = default.get_config()
@@ -106,9 +106,9 @@ def bench_model(name: str, op: str, impl: str, batch: int, size: int, iters: int
         "image": jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)),
         "label": jnp.arange(batch) % 10,
     }
-    state = jax.jit(lambda: train.init_state(model, tx, config))()
+    state = jax.jit(lambda: train_state.init_state(model, tx, config))()
     step = jax.jit(
-        lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config)[0],
+        lambda s, b: steps.train_step(s, b, model=model, tx=tx, config=config)[0],
         compiler_options=ops.compiler_options(),
     )
     return _time(step, state, batch_data, iters=iters)

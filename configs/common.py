@@ -10,8 +10,8 @@ def base_config() -> ml_collections.ConfigDict:
     """All fields the code reads, with defaults an experiment overrides."""
     config = ml_collections.ConfigDict()
 
-    # Model: `name` picks a registered variant (xception_jax.models.VARIANTS); every other
-    # field is passed to it as an override (see xception_jax.models.Xception for the list).
+    # Model: `name` picks a registered variant (xception_jax.model.registry.VARIANTS); every other
+    # field is passed to it as an override (see xception_jax.model.xception.Xception for the list).
     config.model = ml_collections.ConfigDict()
     config.model.name = "xception"
     config.model.residual = True
@@ -21,14 +21,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Recompute every block from its input in the backward pass: the least memory, about one
     # more forward pass of compute (HBM per image on TPU: README "Memory on TPU").
     config.model.remat_blocks = False
-    # Op implementations (xception_jax.ops.IMPLS; all equal in value): 'auto' is the backend's
+    # Op implementations (xception_jax.model.ops.IMPLS; all equal in value): 'auto' is the backend's
     # fastest measured. E.g. 'lax' everywhere for XLA's own ops, or 'taps_vjp' to try on GPU.
     config.model.depthwise_impl = "auto"  # 'taps_vjp' | 'taps' | 'lax'
     config.model.conv_impl = "auto"  # The stem convs: 'im2col' | 'lax'
     config.model.pool_impl = "auto"  # The max-pools: 'taps_vjp' | 'lax'
     config.half_precision = False  # bfloat16 compute, float32 params.
 
-    # Data (xception_jax.input_pipeline).
+    # Data (xception_jax.data).
     config.dataset = "sklearn_digits"  # A TFDS name, or 'image_folder'.
     config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir.
     config.manual_dir = ml_collections.config_dict.placeholder(str)  # Manual downloads.
@@ -42,11 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Records in the shuffle buffers of all shards together (each shard shuffles with
     # shuffle_buffer / data_shards of them; a process holds its own shards' buffers).
     config.shuffle_buffer = 16_384
-    # Fixed logical shards of the training data (xception_jax.data_shards): each is read in its
+    # Fixed logical shards of the training data (xception_jax.data.shards): each is read in its
     # own order, fixed by the seed, and every step takes batch_size / data_shards examples from
     # each. The global batch of a step then depends on (seed, step, dataset) alone, not on the
     # number of processes: a run resumes exactly on another slice size, and any step replays on
-    # one machine (input_pipeline.global_batch). Constraints, checked before a run starts:
+    # one machine (data.pipeline.global_batch). Constraints, checked before a run starts:
     # batch_size must be a multiple of data_shards, and data_shards a multiple of the number of
     # processes (so 16 works on 1, 2, 4, 8 and 16 hosts); no shard may be empty. Changing
     # data_shards changes the data order: keep it for the life of a run.
@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.seed = 0
 
-    # Optimizer (xception_jax.optim).
+    # Optimizer (xception_jax.training.optim).
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "sgd"  # 'sgd' | 'rmsprop' | 'adamw'.
     config.optimizer.momentum = 0.9
@@ -97,12 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.ema_decay = 0.0  # Polyak averaging of params; 0: off. Eval reports both when on.
     config.skip_nonfinite_updates = False  # False: stop on a non-finite loss.
 
-    # Fine-tuning (xception_jax.pretrained, configs/finetune.py): start a new run from
+    # Fine-tuning (xception_jax.training.pretrained, configs/finetune.py): start a new run from
     # pretrained weights, every variable but the classifier ('predictions', fresh for the
     # dataset's classes); ignored when the workdir has a checkpoint (the run resumes instead).
     config.init_from_keras = ml_collections.config_dict.placeholder(str)  # Keras .h5 file.
     # timm .safetensors file of the variant config.model.name names: xception41 / 65 / 71 or
-    # legacy_xception (xception_jax.timm_weights).
+    # legacy_xception (xception_jax.weights.timm_weights).
     config.init_from_timm = ml_collections.config_dict.placeholder(str)
     config.init_from_workdir = ml_collections.config_dict.placeholder(str)  # A run's workdir.
     # Train only the classifier for this many steps (0: never freeze). Meanwhile the backbone

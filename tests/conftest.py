@@ -68,10 +68,10 @@ def gcs_emulator():
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
     """A TFDS data dir in which the embedded default 'sklearn_digits' was built from scratch."""
-    from xception_jax import input_pipeline
+    from xception_jax.data import sources
 
     data_dir = str(tmp_path_factory.mktemp("tfds_digits"))
-    input_pipeline.prepare_dataset("sklearn_digits", data_dir)
+    sources.prepare_dataset("sklearn_digits", data_dir)
     return data_dir
 
 
@@ -96,10 +96,10 @@ def jpeg_of_color():
 @pytest.fixture(scope="session")
 def digits_sharded_data_dir(tmp_path_factory):
     """'sklearn_digits' built into 5 files per split (exercises multi-file reading and resume)."""
-    from xception_jax import input_pipeline
+    from xception_jax.data import sources
 
     data_dir = str(tmp_path_factory.mktemp("tfds_digits_sharded"))
-    builder = input_pipeline.prepare_dataset("sklearn_digits", data_dir, num_shards=5)
+    builder = sources.prepare_dataset("sklearn_digits", data_dir, num_shards=5)
     assert builder.info.splits["test"].num_shards == 5
     return data_dir
 

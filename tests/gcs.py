@@ -3,10 +3,10 @@
 Three clients reach Google Cloud Storage in this project, each configured here through the
 environment (../shared/FINDINGS.md "Cloud storage"):
 - tensorstore (orbax's array writes): TENSORSTORE_GCS_HTTP_URL points it at the emulator;
-- TensorFlow's gs:// file system (etils.epath, so xception_jax.storage and orbax's directory
-  operations; TFDS; TensorBoard events): it has no endpoint setting, so `https_proxy` sends it
-  to tests/gcs_proxy.py, which terminates TLS with a test CA (CURL_CA_BUNDLE) and forwards to
-  the emulator;
+- TensorFlow's gs:// file system (etils.epath, so xception_jax.platform.storage and orbax's
+  directory operations; TFDS; TensorBoard events): it has no endpoint setting, so
+  `https_proxy` sends it to tests/gcs_proxy.py, which terminates TLS with a test CA
+  (CURL_CA_BUNDLE) and forwards to the emulator;
 - google-auth, which both would otherwise use to find credentials on the cloud metadata server
   (169.254.169.254, never to be contacted from a test): NO_GCE_CHECK, the GCE_METADATA_*
   variables pointed at a closed loopback port, and a fixed test token.

@@ -16,7 +16,9 @@ import pytest
 from procs import REPO
 from test_train import small_config
 
-from xception_jax import aot, config_validation, ops, train
+from xception_jax import aot
+from xception_jax.model import ops, registry
+from xception_jax.training import config_checks, steps
 
 # Before libtpu loads (at the first TPU topology below); the subprocesses inherit it.
 os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
@@ -84,7 +86,7 @@ def test_a_slice_with_more_hosts_than_the_data_shards_allow_is_refused():
     config = imagenet.get_config()  # data_shards=64: up to 64 hosts
     config.grad_accum_steps = 1
     with pytest.raises(
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         match=r"data_shards=64 is not a multiple of the 128 processes.*data_shards=128",
     ):
         next(aot.run(config, ["v4-1024"], find_max=False, with_eval=False, num_classes=1000))
@@ -122,7 +124,7 @@ def test_train_and_eval_steps_compile_for_a_tpu_slice_with_a_full_report(v5e4):
 
 def test_tpu_compile_takes_the_tpu_ops_and_compiler_options(v5e4):
     # The host is a CPU: built for it, 'auto' means the CPU forms.
-    host = train.create_model_from_config(v5e4.config, 10)
+    host = registry.create_model_from_config(v5e4.config, 10)
     assert (host.depthwise_impl, host.conv_impl, host.pool_impl) == (
         "taps_vjp",
         "im2col",
@@ -130,7 +132,7 @@ def test_tpu_compile_takes_the_tpu_ops_and_compiler_options(v5e4):
     )
     model = v5e4.model
     assert (model.depthwise_impl, model.conv_impl, model.pool_impl) == ("lax", "lax", "lax")
-    batch = train.abstract_batch(16, 32, v5e4.mesh)
+    batch = steps.abstract_batch(16, 32, v5e4.mesh)
     lowered = v5e4.train_step.lower(v5e4.state, batch).as_text()
     assert "feature_group_count" in lowered  # the depthwise conv as XLA's grouped convolution
     assert "reduce_window" in lowered  # the max-pools as XLA's

@@ -68,11 +68,11 @@ def test_imagenet2012_builder_prepares_from_fake_ilsvrc_tars(fake_imagenet):
 
 
 def test_imagenet2012_missing_tars_error_names_the_files(tmp_path):
-    from xception_jax import input_pipeline
+    from xception_jax.data import sources
 
     manual = tmp_path / "manual"
     with pytest.raises(FileNotFoundError) as err:
-        input_pipeline.prepare_dataset("imagenet2012", str(tmp_path / "tfds"), str(manual))
+        sources.prepare_dataset("imagenet2012", str(tmp_path / "tfds"), str(manual))
     message = str(err.value)
     for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
         assert os.path.join(str(manual), name) in message

@@ -9,14 +9,16 @@ import pytest
 from conftest import solid_jpeg, write_random_keras_h5
 from test_train import read_metrics, small_config
 
-from xception_jax import evaluate, keras_weights, predict, train
+from xception_jax import evaluate, predict
+from xception_jax.training import loop
+from xception_jax.weights import keras_weights
 
 
 @pytest.fixture(scope="module")
 def tiny_run(digits_data_dir, tmp_path_factory):
     """A workdir of the main job's model trained 4 steps (one eval at the end)."""
     workdir = str(tmp_path_factory.mktemp("eval_run"))
-    train.train_and_evaluate(small_config(digits_data_dir), workdir, devices=jax.devices()[:1])
+    loop.train_and_evaluate(small_config(digits_data_dir), workdir, devices=jax.devices()[:1])
     return workdir
 
 
@@ -93,7 +95,8 @@ def test_bad_flags_are_named(argv, message, capsys):
 def test_split_flag_and_export_of_the_workdir(tiny_run, tmp_path, capsys):
     from jax import export as jax_export
 
-    from xception_jax import checkpoints, export
+    from xception_jax import export
+    from xception_jax.training import checkpoints
 
     result = evaluate.main(["--workdir", tiny_run, "--split", "train"])
     assert result["count"] == 1347 and result["split"] == "train"  # The digits' train split.

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xception_jax import export, models
+from xception_jax import export
+from xception_jax.model import registry, xception
 
 # Serving as the README shows it; importing xception_jax there fails (a blocking import hook),
 # so the artifact provably needs only JAX.
@@ -36,7 +37,7 @@ SERVE = textwrap.dedent(
 
 
 def test_artifact_in_a_fresh_process_gives_the_logits(tmp_path):
-    model = models.create_model("xception_tiny", num_classes=7)
+    model = registry.create_model("xception_tiny", num_classes=7)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     exported = export.export_inference(model, variables, 32)
     assert exported.platforms == ("cpu", "cuda", "tpu")
@@ -61,7 +62,7 @@ def test_artifact_in_a_fresh_process_gives_the_logits(tmp_path):
         timeout=300,
     )
     served = np.load(tmp_path / "out.npz")
-    apply = jax.jit(lambda x: model.apply(variables, models.preprocess(x), train=False))
+    apply = jax.jit(lambda x: model.apply(variables, xception.preprocess(x), train=False))
     for key, batch in images.items():
         ref = np.asarray(apply(batch))
         assert served[key].shape == ref.shape

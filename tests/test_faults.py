@@ -17,7 +17,8 @@ import procs
 import pytest
 from test_train import read_metrics, small_config
 
-from xception_jax import checkpoints, config_validation, sharding, train
+from xception_jax.platform import sharding
+from xception_jax.training import checkpoints, config_checks, loop
 
 TIMEOUT = 240  # Seconds per process, far above what a run takes on 2 loaded cores.
 
@@ -37,7 +38,7 @@ def pool(tmp_path):
 def four_step_run(digits_data_dir, tmp_path_factory):
     """A finished 4-step run (checkpoints 2 and 4) to copy and damage: its workdir."""
     workdir = str(tmp_path_factory.mktemp("four_steps") / "run")
-    train.train_and_evaluate(small_config(digits_data_dir), workdir, one_device())
+    loop.train_and_evaluate(small_config(digits_data_dir), workdir, one_device())
     return workdir
 
 
@@ -46,7 +47,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_changes_nothing(
 ):
     workdir = copy_run(four_step_run, tmp_path)
     before = snapshot(workdir)
-    state = train.train_and_evaluate(small_config(digits_data_dir), workdir, one_device())
+    state = loop.train_and_evaluate(small_config(digits_data_dir), workdir, one_device())
     assert int(state.step) == 4
     assert snapshot(workdir) == before
 
@@ -188,7 +189,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(
             path = os.path.join(root, name)
             os.truncate(path, os.path.getsize(path) // 2)
 
-    state = train.train_and_evaluate(
+    state = loop.train_and_evaluate(
         small_config(digits_data_dir, num_train_steps=6), workdir, one_device()
     )
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -206,7 +207,7 @@ def test_checkpoint_of_another_model_names_the_mismatch(four_step_run, digits_da
     config = small_config(digits_data_dir, num_train_steps=6)
     config.model.width_multiplier = 0.5  # xception_tiny has 0.25.
     with pytest.raises(checkpoints.CheckpointError) as e:
-        train.train_and_evaluate(config, workdir, one_device())
+        loop.train_and_evaluate(config, workdir, one_device())
     message = str(e.value)
     assert "Checkpoint 4" in message and "another model" in message, message
     assert "model/params/block1_conv1/kernel: (3, 3, 3, 8) float32 in the checkpoint" in message
@@ -230,8 +231,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     digits_data_dir, tmp_path
 ):
     workdir = str(tmp_path / "run")
-    with pytest.raises(train.NonFiniteLossError) as e:
-        train.train_and_evaluate(
+    with pytest.raises(loop.NonFiniteLossError) as e:
+        loop.train_and_evaluate(
             diverging_config(digits_data_dir, log_every_steps=3), workdir, one_device()
         )
     message = str(e.value)
@@ -246,7 +247,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
 def test_nonfinite_updates_can_be_skipped_and_are_counted(digits_data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = diverging_config(digits_data_dir, log_every_steps=2, skip_nonfinite_updates=True)
-    state = train.train_and_evaluate(config, workdir, one_device())
+    state = loop.train_and_evaluate(config, workdir, one_device())
     assert int(state.step) == 6
     skipped = [r["skipped_updates"] for r in read_metrics(workdir)]
     assert skipped == [1, 3, 5], skipped  # Every step after the first.
@@ -273,59 +274,59 @@ BAD_INPUTS = {
     # name: (config changes, expected error type, expected text)
     "unknown_dataset": (
         {"dataset": "sklearn_digts"},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.dataset='sklearn_digts' is not a TFDS dataset nor 'image_folder'. "
         "Did you mean 'sklearn_digits'",
     ),
     "unknown_model": (
         {"model.name": "xception_tiyn"},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.model: Unknown model 'xception_tiyn'",
     ),
     "unknown_op_implementation": (
         {"model.pool_impl": "taps"},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.model.pool_impl: Unknown pool impl 'taps'; use 'auto' or one of "
         "['taps_vjp', 'lax']",
     ),
     "batch_not_divisible": (
         {"batch_size": 12, "devices": 8},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.batch_size=12 must be a positive multiple of the 8 devices",
     ),
     "image_too_small_for_the_full_model": (
         {"model.name": "xception", "image_size": 64},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.image_size=64 is below the 71px minimum of model 'xception'",
     ),
     "learning_rate_not_positive": (
         {"schedule.base_learning_rate": 0.0},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.schedule.base_learning_rate=0.0 must be > 0",
     ),
     "frozen_backbone_without_pretrained_weights": (
         {"freeze_backbone_steps": 10},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.freeze_backbone_steps=10 would freeze a randomly initialised backbone",
     ),
     "missing_pretrained_file": (
         {"init_from_keras": "/nonexistent/xception.h5"},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.init_from_keras='/nonexistent/xception.h5' does not exist",
     ),
     "workdir_is_a_file": (
         {"workdir_is_a_file": True},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "is a file; give a directory",
     ),
     "misspelled_top_level_field": (
         {"add": ("modle", 1)},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.modle is not a config field. Did you mean config.model?",
     ),
     "misspelled_nested_field": (
         {"add": ("optimizer.momentun", 0.5)},
-        config_validation.ConfigError,
+        config_checks.ConfigError,
         "config.optimizer.momentun is not a config field. Did you mean config.optimizer.momentum?",
     ),
     "checkpoint_of_a_newer_layout": (
@@ -363,7 +364,7 @@ def test_bad_input_is_a_clear_error_and_the_workdir_is_untouched(
         (config[parent] if parent else config)[leaf] = value
     before = snapshot(workdir)
     with pytest.raises(error) as e:
-        train.train_and_evaluate(config, workdir, devices)
+        loop.train_and_evaluate(config, workdir, devices)
     assert text in str(e.value), str(e.value)
     assert snapshot(workdir) == before
 
@@ -418,7 +419,7 @@ def test_sigterm_to_a_single_process_run_saves_that_step_and_returns(
 
     threading.Thread(target=terminate_after_the_first_record, daemon=True).start()
     config = small_config(digits_data_dir, num_train_steps=200, checkpoint_every_steps=100)
-    state = train.train_and_evaluate(config, workdir, one_device())
+    state = loop.train_and_evaluate(config, workdir, one_device())
     stop = int(state.step)
     assert 2 <= stop < 200
     assert any(

@@ -10,7 +10,8 @@ import pytest
 from conftest import write_random_keras_h5
 
 from configs import finetune
-from xception_jax import checkpoints, keras_weights, optim, pretrained, train
+from xception_jax.training import checkpoints, loop, optim, pretrained
+from xception_jax.weights import keras_weights
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_finetune_from_keras_changes_only_what_the_freeze_allows(keras_file, tmp
     config.max_checkpoints_to_keep = 5
     config.schedule.base_learning_rate = 0.05
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
     keras = keras_weights.load(keras_file, include_top=False)
     frozen, free = (checkpoints.load(workdir, step=s)[1] for s in (1, 2))

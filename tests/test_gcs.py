@@ -25,7 +25,9 @@ import pytest
 from test_input_pipeline import _make_folder
 from test_train import read_metrics, small_config
 
-from xception_jax import checkpoints, curves, predict, storage, sweep, train
+from xception_jax import curves, predict, sweep
+from xception_jax.platform import storage
+from xception_jax.training import checkpoints, loop
 
 TIMEOUT = 300  # Seconds per process, far above what a run takes on 2 loaded cores.
 STEPS = 8
@@ -261,7 +263,8 @@ def test_image_folder_and_weight_files_on_gs_read_as_locally(
 
     import h5py
 
-    from xception_jax import input_pipeline, keras_weights
+    from xception_jax.data import pipeline, sources
+    from xception_jax.weights import keras_weights
 
     local = tmp_path / "folder"
     _make_folder(local, jpeg_of_color, color_of_label)
@@ -275,9 +278,9 @@ def test_image_folder_and_weight_files_on_gs_read_as_locally(
             dataset="image_folder", image_folder=root, eval_split="val", image_size=20,
             batch_size=8, eval_batch_size=4,
         )  # fmt: skip
-        info = input_pipeline.get_dataset_info(config)
-        train = list(itertools.islice(input_pipeline.train_iterator(config), 3))
-        batches[root] = (info, train, list(input_pipeline.eval_iterator(config)))
+        info = sources.get_dataset_info(config)
+        train = list(itertools.islice(pipeline.train_iterator(config), 3))
+        batches[root] = (info, train, list(pipeline.eval_iterator(config)))
     (info, train, evals), (gs_info, gs_train, gs_evals) = batches.values()
     assert gs_info == info and info.class_names == ("cat", "dog", "eel")
     for a, b in zip(train + evals, gs_train + gs_evals, strict=True):
@@ -461,7 +464,7 @@ def test_fine_tuning_from_a_gs_workdir(main_job_runs, gs_data_dir, gcs_emulator,
     config.init_from_workdir = gs_workdir
     config.freeze_backbone_steps = 2
     workdir = gs_dir("finetuned")
-    state = train.train_and_evaluate(config, workdir, one_device())
+    state = loop.train_and_evaluate(config, workdir, one_device())
     _, source, _ = checkpoints.load(gs_workdir)
     # A frozen backbone: bitwise the source run's after its steps.
     backbone = {k: v for k, v in state.params.items() if k != "predictions"}
@@ -479,7 +482,7 @@ def test_gs_checkpoint_of_another_model_or_a_newer_layout_is_refused_untouched(
     before = files_under(gcs_emulator, prefix)
     config.model.width_multiplier = 0.5  # xception_tiny has 0.25.
     with pytest.raises(checkpoints.CheckpointError, match=f"Checkpoint {STEPS} .* another model"):
-        train.train_and_evaluate(config, workdir, one_device())
+        loop.train_and_evaluate(config, workdir, one_device())
     config.model.width_multiplier = 0.25
     meta = f"{checkpoints.checkpoint_dir(workdir)}/{STEPS}/meta/metadata"
     newer = json.loads(storage.read_text(meta))
@@ -487,7 +490,7 @@ def test_gs_checkpoint_of_another_model_or_a_newer_layout_is_refused_untouched(
     storage.write_atomic(meta, json.dumps(newer))
     before_layout = files_under(gcs_emulator, prefix)
     with pytest.raises(checkpoints.CheckpointError, match="has layout version 2, this code reads"):
-        train.train_and_evaluate(config, workdir, one_device())
+        loop.train_and_evaluate(config, workdir, one_device())
     after = files_under(gcs_emulator, prefix)
     assert after == before_layout and after.keys() == before.keys()
 

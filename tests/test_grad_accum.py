@@ -11,7 +11,8 @@ import pytest
 from test_faults import assert_bitwise_equal
 from test_train import small_config
 
-from xception_jax import config_validation, models, ops, optim, train
+from xception_jax.model import ops, registry, xception
+from xception_jax.training import config_checks, optim, steps, train_state
 
 BATCH, SIZE, CLASSES = 8, 32, 10
 
@@ -20,9 +21,9 @@ def tiny_setup(**overrides):
     """(model, tx, config, state, batch): the main job's model and optimizer, EMA on, a random
     batch of uint8 images."""
     config = small_config(None, image_size=SIZE, batch_size=BATCH, ema_decay=0.9, **overrides)
-    model = train.create_model_from_config(config, CLASSES)
+    model = registry.create_model_from_config(config, CLASSES)
     tx, _ = optim.create_optimizer(config, num_train_examples=1000)
-    state = jax.jit(functools.partial(train.init_state, model, tx, config))()
+    state = jax.jit(functools.partial(train_state.init_state, model, tx, config))()
     rng = np.random.default_rng(0)
     batch = {
         "image": jnp.asarray(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)),
@@ -42,7 +43,7 @@ def test_accumulated_update_is_the_mean_of_the_microbatch_gradients():
     k = 2
     model, tx, config, state, batch = tiny_setup(grad_accum_steps=k)
     assert model.dropout_rate == 0  # (no dropout: the rng does not enter the comparison)
-    new_state, metrics = jitted_step(train.train_step, model, tx, config)(state, batch)
+    new_state, metrics = jitted_step(steps.train_step, model, tx, config)(state, batch)
 
     # Written out here: microbatch j is examples j, j + k, ...; each takes the plain loss with
     # its own BatchNorm statistics, and the running averages go through the microbatches in order.
@@ -81,14 +82,14 @@ def test_accumulated_update_is_the_mean_of_the_microbatch_gradients():
     assert int(new_state.step) == 1 and bool(metrics["finite"])
     # Not the plain step: one batch's statistics would give other gradients.
     plain_config = small_config(None, image_size=SIZE, batch_size=BATCH, ema_decay=0.9)
-    plain, _ = jitted_step(train.train_step, model, tx, plain_config)(state, batch)
+    plain, _ = jitted_step(steps.train_step, model, tx, plain_config)(state, batch)
     diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), plain.params, params)
     assert max(jax.tree.leaves(diff)) > 1e-4
 
 
 def todays_train_step(state, batch, *, model, tx, config):
-    """train.train_step as it was before gradient accumulation (commit 98929fb), verbatim."""
-    images = models.preprocess(batch["image"], model.dtype)
+    """steps.train_step as it was before gradient accumulation (commit 98929fb), verbatim."""
+    images = xception.preprocess(batch["image"], model.dtype)
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
     def loss_fn(params):
@@ -113,7 +114,7 @@ def todays_train_step(state, batch, *, model, tx, config):
             )
         else:
             logits, batch_stats = forward(True)
-        loss = train.cross_entropy(
+        loss = steps.cross_entropy(
             logits, batch["label"], model.num_classes, config.label_smoothing
         )
         return loss.mean(), (logits, batch_stats)
@@ -148,24 +149,24 @@ def todays_train_step(state, batch, *, model, tx, config):
 def test_one_microbatch_is_bitwise_the_plain_step():
     model, tx, config, state, batch = tiny_setup(grad_accum_steps=1)
     config.model.dropout_rate = 0.3  # the step's rng in play as well
-    model = train.create_model_from_config(config, CLASSES)
-    got = jitted_step(train.train_step, model, tx, config)(state, batch)
+    model = registry.create_model_from_config(config, CLASSES)
+    got = jitted_step(steps.train_step, model, tx, config)(state, batch)
     want = jitted_step(todays_train_step, model, tx, config)(state, batch)
     assert_bitwise_equal(got, want)
 
 
 def test_batch_that_microbatches_and_devices_do_not_divide_is_refused_with_the_fix(tmp_path):
     config = small_config(None, batch_size=24, grad_accum_steps=4, data_shards=8)
-    with pytest.raises(config_validation.ConfigError) as e:
-        config_validation.validate(config, None, str(tmp_path), num_devices=4)
+    with pytest.raises(config_checks.ConfigError) as e:
+        config_checks.validate(config, None, str(tmp_path), num_devices=4)
     text = str(e.value)
     assert "config.batch_size=24" in text and "grad_accum_steps=4" in text
     assert "multiple of grad_accum_steps x devices = 16" in text
     assert "batch_size=16" in text and "grad_accum_steps=3" in text
     config = small_config(None, batch_size=24, grad_accum_steps=0, data_shards=8)
-    with pytest.raises(config_validation.ConfigError, match="must be an integer >= 1"):
-        config_validation.validate(config, None, str(tmp_path), num_devices=4)
-    config_validation.validate(
+    with pytest.raises(config_checks.ConfigError, match="must be an integer >= 1"):
+        config_checks.validate(config, None, str(tmp_path), num_devices=4)
+    config_checks.validate(
         small_config(None, batch_size=24, grad_accum_steps=3, data_shards=8),
         None,
         str(tmp_path),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from xception_jax import hugepages
+from xception_jax.platform import hugepages
 
 SCRIPT = """
 import json, os, sys

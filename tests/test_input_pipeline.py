@@ -7,6 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
+from xception_jax.data import feeding, pipeline, preprocessing, sources
+
 # Deterministic "augmentation": the whole image, unflipped, so that the training stream can be
 # compared example by example with an evaluation pass (central crop of fraction 1).
 IDENTITY_CROP = dict(crop_area_range=(1.0, 1.0), crop_aspect_range=(1.0, 1.0), random_flip=False)
@@ -37,30 +39,24 @@ def _assert_same_batches(a, b):
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def _ip():
-    from xception_jax import input_pipeline
-
-    return input_pipeline
-
-
 def test_train_batches_have_configured_size_dtype_and_labels(digits_data_dir, data_config):
     config = data_config(data_dir=digits_data_dir, image_size=24, batch_size=32)
-    batch = next(_ip().train_iterator(config))
+    batch = next(pipeline.train_iterator(config))
     assert batch["image"].shape == (32, 24, 24, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
     assert batch["label"].min() >= 0 and batch["label"].max() < 10
-    info = _ip().get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     assert info.num_classes == 10 and info.class_names == tuple("0123456789")
     assert (info.num_train_examples, info.num_eval_examples) == (1347, 450)
 
 
 def test_same_seed_gives_identical_batches(digits_data_dir, data_config):
     config = data_config(data_dir=digits_data_dir)
-    a = _take(_ip().train_iterator(config), 3)
-    b = _take(_ip().train_iterator(config), 3)
+    a = _take(pipeline.train_iterator(config), 3)
+    b = _take(pipeline.train_iterator(config), 3)
     _assert_same_batches(a, b)
     config.seed = 1
-    c = _take(_ip().train_iterator(config), 3)
+    c = _take(pipeline.train_iterator(config), 3)
     assert not np.array_equal(a[0]["label"], c[0]["label"])
 
 
@@ -75,8 +71,8 @@ def test_start_at_step_k_equals_uninterrupted_across_epoch_boundary(
     config = data_config(data_dir=data_dir, train_split="test", batch_size=32)
     for index in range(process_count):
         kw = dict(process_index=index, process_count=process_count)
-        uninterrupted = _take(_ip().train_iterator(config, **kw), 17)
-        resumed = _take(_ip().train_iterator(config, start_step=13, **kw), 4)
+        uninterrupted = _take(pipeline.train_iterator(config, **kw), 17)
+        resumed = _take(pipeline.train_iterator(config, start_step=13, **kw), 4)
         _assert_same_batches(uninterrupted[13:], resumed)
 
 
@@ -85,7 +81,7 @@ def _global_batches(config, steps, process_count, start_step=0):
     (as jax.make_array_from_process_local_data places them)."""
     parts = [
         _take(
-            _ip().train_iterator(
+            pipeline.train_iterator(
                 config, start_step, process_index=index, process_count=process_count
             ),
             steps,
@@ -126,7 +122,7 @@ def test_global_batches_are_the_same_on_any_process_count(request, data_config, 
             _assert_same_batches([one], [many])
     # global_batch replays any step in one process, without the steps before it.
     for step in (0, 6):
-        images, labels = _ip().global_batch(config, step)
+        images, labels = pipeline.global_batch(config, step)
         _assert_same_batches([{"image": images, "label": labels}], [reference[step]])
     # Another seed is another order.
     config.seed = 1
@@ -152,7 +148,7 @@ def test_each_epoch_of_the_shards_covers_the_split_once(digits_data_dir, data_co
         data_dir=digits_data_dir, train_split="test", eval_split="test", batch_size=30,
         data_shards=2, eval_crop_fraction=1.0, **IDENTITY_CROP,
     )  # fmt: skip
-    whole = collections.Counter(_examples(_ip().eval_iterator(config, process_count=1)))
+    whole = collections.Counter(_examples(pipeline.eval_iterator(config, process_count=1)))
     assert sum(whole.values()) == 450
     stream = _examples(_global_batches(config, 30, 2))
     assert collections.Counter(stream[:450]) == whole
@@ -163,11 +159,11 @@ def test_each_epoch_of_the_shards_covers_the_split_once(digits_data_dir, data_co
 @pytest.mark.parametrize("process_count", [1, 2, 3])
 def test_eval_padding_counts_every_example_once(digits_data_dir, data_config, process_count):
     config = data_config(data_dir=digits_data_dir, eval_batch_size=48, eval_crop_fraction=1.0)
-    reference = collections.Counter(_examples(_ip().eval_iterator(config, process_count=1)))
+    reference = collections.Counter(_examples(pipeline.eval_iterator(config, process_count=1)))
     counts, batch_counts = collections.Counter(), set()
     for index in range(process_count):
         batches = list(
-            _ip().eval_iterator(config, process_index=index, process_count=process_count)
+            pipeline.eval_iterator(config, process_index=index, process_count=process_count)
         )
         batch_counts.add(len(batches))
         for b in batches:
@@ -175,7 +171,7 @@ def test_eval_padding_counts_every_example_once(digits_data_dir, data_config, pr
             assert not b["image"][~b["mask"]].any()  # padding is blank and masked out
         counts.update(_examples(batches))
     assert len(batch_counts) == 1  # every process runs the same number of eval steps
-    assert batch_counts.pop() == _ip().num_eval_batches(config, process_count=process_count)
+    assert batch_counts.pop() == pipeline.num_eval_batches(config, process_count=process_count)
     assert sum(counts.values()) == 450 and counts == reference
 
 
@@ -217,13 +213,13 @@ def test_image_folder_keeps_labels_with_images(
         dataset="image_folder", image_folder=str(tmp_path), eval_split="val", image_size=20,
         batch_size=8, eval_batch_size=4,
     )  # fmt: skip
-    info = _ip().get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     assert info.class_names == ("cat", "dog", "eel")
     assert (info.num_train_examples, info.num_eval_examples) == (12, 6)
-    for batch in _take(_ip().train_iterator(config), 4):
+    for batch in _take(pipeline.train_iterator(config), 4):
         assert batch["image"].shape == (8, 20, 20, 3)
         _assert_colors_match_labels(batch, color_of_label)
-    evals = list(_ip().eval_iterator(config))
+    evals = list(pipeline.eval_iterator(config))
     assert sum(int(b["mask"].sum()) for b in evals) == 6
     for b in evals:
         _assert_colors_match_labels(b, color_of_label, b["mask"])
@@ -238,10 +234,10 @@ def test_image_folder_undecodable_file_is_named(
         eval_batch_size=4,
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"val/dog/broken\.jpg"):
-        list(_ip().eval_iterator(config))
+        list(pipeline.eval_iterator(config))
     config.train_split = "val"
     with pytest.raises(ValueError, match=r"val/dog/broken\.jpg"):
-        _take(_ip().train_iterator(config), 3)
+        _take(pipeline.train_iterator(config), 3)
 
 
 def test_image_folder_missing_split_is_explained(tmp_path, data_config, jpeg_of_color):
@@ -251,7 +247,7 @@ def test_image_folder_missing_split_is_explained(tmp_path, data_config, jpeg_of_
     with pytest.raises(
         FileNotFoundError, match=r"split 'val' not found.*splits present: \['train'\]"
     ):
-        _ip().get_dataset_info(config)
+        sources.get_dataset_info(config)
 
 
 def test_fake_imagenet_batches_are_shaped_and_labelled(fake_imagenet, data_config, color_of_label):
@@ -260,15 +256,15 @@ def test_fake_imagenet_batches_are_shaped_and_labelled(fake_imagenet, data_confi
         dataset="imagenet2012", data_dir=fake.data_dir, manual_dir=fake.manual_dir,
         eval_split="", image_size=32, batch_size=4, eval_batch_size=2,
     )  # fmt: skip
-    info = _ip().get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     assert info.num_classes == 1000 and info.class_names[0] == "n01440764"
     assert (info.num_train_examples, info.num_eval_examples) == (9, 3)
     train_labels = {fake.names.index(s) for s in fake.train_synsets}
-    for batch in _take(_ip().train_iterator(config), 3):
+    for batch in _take(pipeline.train_iterator(config), 3):
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert set(batch["label"].tolist()) <= train_labels
         _assert_colors_match_labels(batch, color_of_label)
-    evals = list(_ip().eval_iterator(config))  # eval_split '' -> 'validation'
+    evals = list(pipeline.eval_iterator(config))  # eval_split '' -> 'validation'
     labels = [int(lb) for b in evals for lb, m in zip(b["label"], b["mask"], strict=True) if m]
     assert sorted(labels) == sorted(fake.names.index(s) for s in fake.val_synsets)
     for b in evals:
@@ -282,10 +278,9 @@ def test_preprocessing_gives_configured_size_and_is_a_function_of_the_seed(jpeg_
     gradient = np.linspace(0, 255, 50 * 70 * 3).reshape(50, 70, 3).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(gradient).save(buf, format="PNG")
-    ip = _ip()
     for k, encoded in enumerate((buf.getvalue(), jpeg_of_color((10, 200, 30), size=(70, 50)))):
         out = [
-            ip.preprocess_train(
+            preprocessing.preprocess_train(
                 tf.constant(encoded), tf.constant([0, s], tf.int64), image_size=29,
                 area_range=(0.2, 1.0),
             ).numpy()
@@ -295,19 +290,18 @@ def test_preprocessing_gives_configured_size_and_is_a_function_of_the_seed(jpeg_
         np.testing.assert_array_equal(out[0], out[1])  # same seed, same crop and flip
         if k == 0:  # the gradient shows a different crop for another seed
             assert not np.array_equal(out[0], out[2])
-        ev = ip.preprocess_eval(tf.constant(encoded), image_size=17).numpy()
+        ev = preprocessing.preprocess_eval(tf.constant(encoded), image_size=17).numpy()
         assert ev.shape == (17, 17, 3) and ev.dtype == np.uint8
 
 
 def test_global_batch_and_prefetch_to_device(digits_data_dir, data_config):
     import jax
 
-    ip = _ip()
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     n = len(jax.devices())
     config = data_config(data_dir=digits_data_dir, batch_size=8 * n)
-    host = _take(ip.train_iterator(config), 3)
-    device = list(ip.prefetch_to_device(iter(host), 2, mesh))
+    host = _take(pipeline.train_iterator(config), 3)
+    device = list(feeding.prefetch_to_device(iter(host), 2, mesh))
     assert len(device) == 3
     for h, d in zip(host, device, strict=True):
         assert isinstance(d["image"], jax.Array) and d["image"].shape == h["image"].shape
@@ -320,7 +314,7 @@ def test_global_batch_and_prefetch_to_device(digits_data_dir, data_config):
         raise RuntimeError("source broke")
 
     with pytest.raises(RuntimeError, match="source broke"):
-        list(ip.prefetch_to_device(failing(), 2, mesh))
+        list(feeding.prefetch_to_device(failing(), 2, mesh))
 
 
 def test_shards_that_do_not_fit_the_batch_or_the_processes_are_refused(
@@ -329,35 +323,35 @@ def test_shards_that_do_not_fit_the_batch_or_the_processes_are_refused(
     config = data_config(data_dir=digits_data_dir, batch_size=30, data_shards=4)
     with pytest.raises(ValueError, match=r"batch_size=30 is not a multiple of config.data_"
                        r"shards=4.*Use batch_size=28 or data_shards=3"):  # fmt: skip
-        _ip().train_iterator(config)
+        pipeline.train_iterator(config)
     config = data_config(data_dir=digits_data_dir, batch_size=24, data_shards=4)
     with pytest.raises(ValueError, match=r"data_shards=4 is not a multiple of the 3 processes.*"
                        r"divides 4 \(\[1, 2, 4\]\).*data_shards=12"):  # fmt: skip
-        _ip().train_iterator(config, process_index=0, process_count=3)
+        pipeline.train_iterator(config, process_index=0, process_count=3)
     config = data_config(data_dir=digits_data_dir, train_split="test[:3]", data_shards=4)
     with pytest.raises(
         ValueError,
         match=r"data_shards=4 is more than split 'test\[:3\]' has examples \(3\).*"
         r"Use data_shards=2",
     ):
-        _ip().train_iterator(config)
+        pipeline.train_iterator(config)
 
 
 def test_a_resume_names_what_changes_its_data_order():
     import json
 
     from configs import default
-    from xception_jax import data_shards
+    from xception_jax.data import shards
 
     config = default.get_config()
     stored = json.loads(config.to_json_best_effort())  # as a checkpoint's meta holds it
-    assert data_shards.order_changes(stored, config) == []  # tuples stored as lists: no change
+    assert shards.order_changes(stored, config) == []  # tuples stored as lists: no change
     config.data_shards, config.seed = 8, 3
-    assert data_shards.order_changes(stored, config) == [
+    assert shards.order_changes(stored, config) == [
         "config.seed: 0 -> 3",
         "config.data_shards: 16 -> 8",
     ]
     config.num_train_steps = 10  # where a run stops is not its data order
-    assert len(data_shards.order_changes(stored, config)) == 2
+    assert len(shards.order_changes(stored, config)) == 2
     del stored["data_shards"]  # a checkpoint from before data_shards
-    assert "predates config.data_shards" in data_shards.order_changes(stored, config)[0]
+    assert "predates config.data_shards" in shards.order_changes(stored, config)[0]

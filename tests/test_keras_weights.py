@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from xception_jax import keras_weights
-from xception_jax.models import Xception
+from xception_jax.model.xception import Xception
+from xception_jax.weights import keras_weights
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("keras") is None, reason="keras (requirements-test.txt) not installed"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from xception_jax import ops
-from xception_jax.layers import BatchNorm, DepthwiseConv, PointwiseConv, SeparableConv
+from xception_jax.model import ops
+from xception_jax.model.layers import BatchNorm, DepthwiseConv, PointwiseConv, SeparableConv
 
 
 def _inputs(shape=(2, 9, 10, 6), k=3, seed=0):

@@ -5,14 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xception_jax.models import (
-    VARIANTS,
-    Xception,
-    count_params,
-    create_model,
-    preprocess,
-    round_channels,
-)
+from xception_jax.model.registry import VARIANTS, count_params, create_model
+from xception_jax.model.xception import Xception, preprocess, round_channels
 
 
 def _abstract(model, size=299, **kw):

@@ -19,7 +19,9 @@ import procs
 import pytest
 from test_train import assert_trees_close, read_metrics
 
-from xception_jax import checkpoints, input_pipeline, sharding, train
+from xception_jax.data import feeding, pipeline
+from xception_jax.platform import sharding
+from xception_jax.training import checkpoints, replay
 
 # Seconds per process: far above the ~125 s a run took on 2 cores shared with the other xdist
 # worker's tests.
@@ -159,10 +161,10 @@ def test_two_processes_and_one_process_train_on_the_same_global_batches(
     )
     for step in range(STOP):
         parts = [
-            next(input_pipeline.train_iterator(config, step, process_index=i, process_count=2))
+            next(pipeline.train_iterator(config, step, process_index=i, process_count=2))
             for i in (0, 1)
         ]
-        images, labels = input_pipeline.global_batch(config, step)
+        images, labels = pipeline.global_batch(config, step)
         assert example_fingerprints(images, labels) == example_fingerprints(
             np.concatenate([p["image"] for p in parts]), np.concatenate([p["label"] for p in parts])
         )
@@ -218,9 +220,9 @@ def test_global_batch_replays_the_step_the_trainer_took(runs):
     # process, gives checkpoint s + 1 of the 1-process run.
     one, _ = runs["one"]
     step = 2
-    state, p_train_step, mesh, config = train.restore_for_replay(one, step, jax.devices()[:2])
-    images, labels = input_pipeline.global_batch(config, step)
-    batch = input_pipeline.to_global_batch({"image": images, "label": labels}, mesh)
+    state, p_train_step, mesh, config = replay.restore_for_replay(one, step, jax.devices()[:2])
+    images, labels = pipeline.global_batch(config, step)
+    batch = feeding.to_global_batch({"image": images, "label": labels}, mesh)
     replayed, metrics = p_train_step(state, batch)
     assert int(replayed.step) == step + 1 and np.isfinite(float(metrics["loss"]))
     assert_trees_close(replayed.params, params_at(one, step + 1), 1e-6, 1e-6)

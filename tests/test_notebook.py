@@ -8,7 +8,7 @@ import pytest
 from nbclient import NotebookClient
 from test_train import small_config
 
-from xception_jax import train
+from xception_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "inspect_checkpoint.ipynb")
@@ -18,7 +18,7 @@ NOTEBOOK = os.path.join(REPO, "notebooks", "inspect_checkpoint.ipynb")
 def digits_run(digits_data_dir, tmp_path_factory):
     """A workdir of 4 steps of the tiny model on the embedded digits (tests/test_train.py)."""
     workdir = str(tmp_path_factory.mktemp("notebook_run"))
-    train.train_and_evaluate(small_config(digits_data_dir), workdir, devices=jax.devices()[:1])
+    loop.train_and_evaluate(small_config(digits_data_dir), workdir, devices=jax.devices()[:1])
     return workdir
 
 

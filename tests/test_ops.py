@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from xception_jax import models, ops
+from xception_jax.model import ops, registry
 
 
 def _outputs_and_grads(x, kernel, ct, impls, **conv_kw):
@@ -240,14 +240,16 @@ def test_model_gradients_same_for_fast_impls_and_remat():
             param_dtype=jnp.float64,
         )
         ref_impls = dict(depthwise_impl="taps", conv_impl="lax", pool_impl="lax")
-        ref_model = models.create_model("xception_tiny", **ref_impls, **small)
+        ref_model = registry.create_model("xception_tiny", **ref_impls, **small)
         variables = jax.jit(ref_model.init)(jax.random.key(1), x)
         ref_grads, ref_stats = _train_grads(ref_model, variables, x, labels)
         # All optimisations in one model (one compile less): each is exact on its own, so any
         # difference would show here. Compiled as train.py compiles (barriers kept, so remat
         # really recomputes).
         fast = dict(depthwise_impl="taps_vjp", conv_impl="im2col", pool_impl="taps_vjp")
-        model = models.create_model("xception_tiny", remat=True, remat_blocks=True, **fast, **small)
+        model = registry.create_model(
+            "xception_tiny", remat=True, remat_blocks=True, **fast, **small
+        )
         grads, stats = _train_grads(model, variables, x, labels, ops.compiler_options("cpu"))
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     leaves = jax.tree.leaves((grads, stats))

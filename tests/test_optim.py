@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from xception_jax import optim
+from xception_jax.training import optim
 
 
 def _config(name: str):

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from test_train import small_config
 
-from xception_jax import predict, train
+from xception_jax import predict
+from xception_jax.training import loop
 
 # Ten colours, one class each (image-folder labels follow the sorted names). Ten classes,
 # 32 px, batch 16: the programs of tests/test_train.py's small_config, compiled once a session.
@@ -70,7 +71,7 @@ def color_run(color_folder, tmp_path_factory):
     config.schedule.name = "cosine"
     config.schedule.base_learning_rate = 0.04
     workdir = str(tmp_path_factory.mktemp("colors_run"))
-    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         assert json.loads(f.readlines()[-1])["eval_accuracy"] == 1.0
     return workdir

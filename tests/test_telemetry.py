@@ -1,5 +1,5 @@
 """What a run reports: FLOP/s and MFU, memory, device-hours, input stalls, where the wall time
-went, and a profiler window (xception_jax/telemetry.py, wired in train.train_and_evaluate)."""
+went, and a profiler window (xception_jax/telemetry.py, wired in loop.train_and_evaluate)."""
 
 import json
 import logging
@@ -10,7 +10,10 @@ import jax
 import pytest
 from test_train import read_metrics, small_config
 
-from xception_jax import input_pipeline, optim, sharding, telemetry, train
+from xception_jax.data import pipeline, sources
+from xception_jax.model import registry
+from xception_jax.platform import sharding
+from xception_jax.training import loop, metrics_log, optim, steps, telemetry, train_state
 
 DELAY = 1.0  # Seconds the slowed input pipeline sleeps before each batch (a step: < 0.1 s).
 
@@ -30,7 +33,7 @@ def slow_input_run(digits_data_dir, tmp_path_factory):
     )
     config.profile_start_step, config.profile_num_steps = 7, 2
     config.prefetch_batches = 0
-    real = input_pipeline.train_iterator
+    real = pipeline.train_iterator
 
     def slowed(*args, **kwargs):  # The test-only delay: the real batches, late.
         for batch in real(*args, **kwargs):
@@ -41,11 +44,11 @@ def slow_input_run(digits_data_dir, tmp_path_factory):
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    input_pipeline.train_iterator = slowed
+    pipeline.train_iterator = slowed
     try:
-        train.train_and_evaluate(config, workdir, jax.devices()[:1])
+        loop.train_and_evaluate(config, workdir, jax.devices()[:1])
     finally:
-        input_pipeline.train_iterator = real
+        pipeline.train_iterator = real
         logger.removeHandler(handler)
         logger.setLevel(level)
     return workdir, config, handler.messages
@@ -77,14 +80,16 @@ def test_tflops_per_device_is_the_compiled_steps_flops_over_the_interval(
 ):
     workdir, config, _ = slow_input_run
     # The step train.py runs, compiled here independently: its FLOPs per device.
-    info = input_pipeline.get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     mesh = sharding.create_mesh(jax.devices()[:1])
-    model = train.create_model_from_config(config, info.num_classes, sharding.mesh_platform(mesh))
+    model = registry.create_model_from_config(
+        config, info.num_classes, sharding.mesh_platform(mesh)
+    )
     tx, _ = optim.create_optimizer(config, info.num_train_examples)
-    p_train_step, _ = train.jit_steps(model, tx, config, mesh)
+    p_train_step, _ = steps.jit_steps(model, tx, config, mesh)
     compiled = p_train_step.lower(
-        train.abstract_train_state(model, tx, config, mesh),
-        train.abstract_batch(config.batch_size, config.image_size, mesh),
+        train_state.abstract_train_state(model, tx, config, mesh),
+        steps.abstract_batch(config.batch_size, config.image_size, mesh),
     ).compile()
     flops = compiled.cost_analysis()["flops"]
     assert flops > 0
@@ -124,7 +129,7 @@ def test_a_slow_input_pipeline_shows_in_input_wait_fraction_and_warns(slow_input
 
 def test_time_summary_parts_add_up_to_the_wall_time(slow_input_run):
     workdir, _, messages = slow_input_run
-    with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    with open(os.path.join(workdir, metrics_log.SUMMARY_FILE)) as f:
         summary = json.load(f)
     parts = sum(summary[f"{p}_seconds"] for p in telemetry.Chrono.PARTS)
     assert parts == pytest.approx(summary["wall_seconds"], rel=0.05)

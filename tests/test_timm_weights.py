@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from xception_jax import timm_weights
+from xception_jax.weights import timm_weights
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("timm") is None or importlib.util.find_spec("torch") is None,
@@ -152,13 +152,14 @@ def test_not_a_safetensors_file_and_unknown_variant(tmp_path):
 def test_init_from_timm_fills_the_backbone(xception41_file):
     """config.init_from_timm: every variable but the classifier from the file (fine-tuning)."""
     from configs import common
-    from xception_jax import config_validation, pretrained, train
+    from xception_jax.model import registry
+    from xception_jax.training import config_checks, pretrained
 
     config = common.base_config()
     config.model.name = "xception41"
     config.init_from_timm = str(xception41_file)
-    assert config_validation.pretrained_errors(config) == []
-    model = train.create_model_from_config(config, num_classes=3)  # Another number of classes.
+    assert config_checks.pretrained_errors(config) == []
+    model = registry.create_model_from_config(config, num_classes=3)  # Another number of classes.
     fresh = jax.device_get(jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3))))
     merged = pretrained.merge(fresh, pretrained.load_backbone(config), "the timm file")
     loaded = timm_weights.load(str(xception41_file), "xception41")
@@ -174,7 +175,7 @@ def test_init_from_timm_fills_the_backbone(xception41_file):
 
     config.model.name = "xception"
     config.init_from_keras = "/elsewhere/x.h5"
-    errors = " ".join(config_validation.pretrained_errors(config))
+    errors = " ".join(config_checks.pretrained_errors(config))
     assert "Set only one of config.init_from_keras, config.init_from_timm" in errors
     assert "config.init_from_timm needs config.model.name to be the file's timm variant" in errors
 

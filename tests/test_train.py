@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from xception_jax import checkpoints, train
+from xception_jax.training import checkpoints, loop
 
 
 def small_config(data_dir, **overrides):
@@ -36,7 +36,7 @@ def small_config(data_dir, **overrides):
 
 def read_metrics(workdir):
     """The records of a workdir's metrics.jsonl (local or gs://)."""
-    from xception_jax import storage
+    from xception_jax.platform import storage
 
     text = storage.read_text(storage.join(workdir, "metrics.jsonl"))
     return [json.loads(line) for line in text.splitlines()]
@@ -58,7 +58,7 @@ def test_training_writes_its_outputs_and_the_loss_falls(digits_data_dir, tmp_pat
     config.schedule.base_learning_rate = 0.02
     config.ema_decay = 0.9
     workdir = str(tmp_path / "run")
-    state = train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    state = loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
     assert int(state.step) == 30
     records = read_metrics(workdir)
@@ -84,7 +84,7 @@ def eight_device_run(digits_data_dir, tmp_path_factory):
     """A short run sharded over 8 CPU devices: (workdir, final state)."""
     assert jax.device_count() >= 8, "tests/conftest.py gives the test process 8 CPU devices"
     workdir = str(tmp_path_factory.mktemp("eight") / "run")
-    state = train.train_and_evaluate(small_config(digits_data_dir), workdir, jax.devices()[:8])
+    state = loop.train_and_evaluate(small_config(digits_data_dir), workdir, jax.devices()[:8])
     return workdir, state
 
 
@@ -97,7 +97,7 @@ def test_one_and_eight_devices_agree(noise_image_folder, tmp_path):
     def run(devices, name):
         config = small_config(None, dataset="image_folder", image_folder=noise_image_folder)
         config.eval_split = "test"
-        return train.train_and_evaluate(config, str(tmp_path / name), devices=devices)
+        return loop.train_and_evaluate(config, str(tmp_path / name), devices=devices)
 
     sharded, single = run(jax.devices()[:8], "eight"), run(jax.devices()[:1], "one")
     assert_trees_close(sharded.params, single.params, rtol=1e-5, atol=1e-5)
@@ -106,14 +106,14 @@ def test_one_and_eight_devices_agree(noise_image_folder, tmp_path):
 
 def test_resume_equals_uninterrupted_run(digits_data_dir, tmp_path):
     one_device = jax.devices()[:1]
-    whole = train.train_and_evaluate(
+    whole = loop.train_and_evaluate(
         small_config(digits_data_dir, num_train_steps=6), str(tmp_path / "whole"), one_device
     )
     resumed_dir = str(tmp_path / "resumed")
-    train.train_and_evaluate(
+    loop.train_and_evaluate(
         small_config(digits_data_dir, num_train_steps=3), resumed_dir, one_device
     )
-    resumed = train.train_and_evaluate(
+    resumed = loop.train_and_evaluate(
         small_config(digits_data_dir, num_train_steps=6), resumed_dir, one_device
     )
     # Bitwise: same batches (the pipeline restarts at step 3), same per-step rng, same program.
@@ -129,14 +129,16 @@ def test_load_into_a_one_device_process_matches_the_trainers_eval(eight_device_r
     script = textwrap.dedent(
         f"""
         import json, jax, numpy as np
-        from xception_jax import checkpoints, input_pipeline, models, train
+        import xception_jax
+        from xception_jax.data import pipeline
+        from xception_jax.training import steps
         assert jax.device_count() == 1
-        model, variables, config = checkpoints.load({workdir!r})
+        model, variables, config = xception_jax.load({workdir!r})
         loss = correct = count = 0.0
-        for batch in input_pipeline.eval_iterator(config):
-            logits = model.apply(variables, models.preprocess(batch["image"]), train=False)
+        for batch in pipeline.eval_iterator(config):
+            logits = model.apply(variables, xception_jax.preprocess(batch["image"]), train=False)
             mask = batch["mask"]
-            per_example = train.cross_entropy(logits, batch["label"], model.num_classes)
+            per_example = steps.cross_entropy(logits, batch["label"], model.num_classes)
             loss += float(np.sum(np.asarray(per_example) * mask))
             correct += float(np.sum((np.argmax(logits, -1) == batch["label"]) * mask))
             count += float(mask.sum())
@@ -158,7 +160,10 @@ def test_steps_import_without_tensorflow():
     reading data (train_and_evaluate, evaluate) and the metric writers load it."""
     script = (
         "import sys\n"
-        "from xception_jax import checkpoints, config_validation, models, predict, train\n"
+        "import xception_jax\n"
+        "from xception_jax import predict\n"
+        "from xception_jax.model import registry, xception\n"
+        "from xception_jax.training import checkpoints, config_checks, loop, replay, steps\n"
         "print(sorted(m for m in ('tensorflow', 'clu.metric_writers') if m in sys.modules))\n"
     )
     out = subprocess.run(

@@ -6,7 +6,7 @@
 
 No TPU is needed: with libtpu installed (``pip install "jax[tpu]==<jax version>"``), JAX
 compiles for abstract TPU devices (``jax.experimental.topologies``) on a CPU host. The programs
-are exactly those train.py runs on that slice (``train.jit_steps``: its mesh, shardings,
+are exactly those train.py runs on that slice (``steps.jit_steps``: its mesh, shardings,
 donation, dtypes, the TPU's op implementations and compiler options), with the batch shapes of
 the input pipeline. The compile is the memory check: XLA refuses a program that does not fit a
 chip's HBM. Reported per chip: argument, output and temporary bytes, HBM needed (arguments +
@@ -217,7 +217,7 @@ def compile_step(step, args, topology: Topology, global_batch: int, config, whic
     """Compiles one jitted step for its abstract `args`; the report as a dict (see module doc)."""
     import jax
 
-    from xception_jax import telemetry
+    from xception_jax.training import telemetry
 
     result = {
         "topology": topology.name,
@@ -280,23 +280,25 @@ class SliceCompiler:
     """train.py's model, optimizer and jitted steps for one TPU slice, compiled on request."""
 
     def __init__(self, config, topology: Topology, num_classes: int):
-        from xception_jax import optim, sharding, train
+        from xception_jax.model import registry
+        from xception_jax.platform import sharding
+        from xception_jax.training import optim, steps, train_state
 
         self.config, self.topology = config, topology
         self.devices = tpu_devices(topology)
         self.mesh = sharding.create_mesh(self.devices)
         platform = sharding.mesh_platform(self.mesh)
-        self.model = train.create_model_from_config(config, num_classes, platform)
+        self.model = registry.create_model_from_config(config, num_classes, platform)
         self.tx, _ = optim.create_optimizer(config, _TRAIN_EXAMPLES)
-        self.train_step, self.eval_step = train.jit_steps(self.model, self.tx, config, self.mesh)
-        self.state = train.abstract_train_state(self.model, self.tx, config, self.mesh)
+        self.train_step, self.eval_step = steps.jit_steps(self.model, self.tx, config, self.mesh)
+        self.state = train_state.abstract_train_state(self.model, self.tx, config, self.mesh)
         self.hbm = available_hbm(self.devices)
 
     def train(self, global_batch: int) -> dict:
         """The report of the train step at `global_batch`."""
-        from xception_jax import train
+        from xception_jax.training import steps
 
-        batch = train.abstract_batch(global_batch, self.config.image_size, self.mesh)
+        batch = steps.abstract_batch(global_batch, self.config.image_size, self.mesh)
         result = compile_step(
             self.train_step, (self.state, batch), self.topology, global_batch, self.config, "train"
         )
@@ -304,10 +306,10 @@ class SliceCompiler:
 
     def eval(self) -> dict:
         """The report of the eval step at config.eval_batch_size."""
-        from xception_jax import train
+        from xception_jax.training import steps
 
         size = self.config.eval_batch_size
-        batch = train.abstract_batch(size, self.config.image_size, self.mesh, eval_mask=True)
+        batch = steps.abstract_batch(size, self.config.image_size, self.mesh, eval_mask=True)
         args = (self.state.params, self.state.batch_stats, batch)
         return self._with_hbm(
             compile_step(self.eval_step, args, self.topology, size, self.config, "eval")
@@ -425,13 +427,13 @@ def run(config, topology_names: list[str], *, find_max: bool, with_eval: bool, n
     With `find_max`, one train-step report per topology: the largest batch that fits (or the
     smallest tried, which does not), with the batches tried under "probes".
     """
-    from xception_jax import config_validation
+    from xception_jax.training import config_checks
 
     for name in topology_names:
         topology = parse_topology(name)
-        errors = config_validation.batch_errors(config, topology.chips, topology.hosts)
+        errors = config_checks.batch_errors(config, topology.chips, topology.hosts)
         if errors and not find_max:
-            raise config_validation.ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+            raise config_checks.ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
         compiler = SliceCompiler(config, topology, num_classes)
         if find_max:
             best, tried = find_max_batch(compiler, config.batch_size)
@@ -449,7 +451,7 @@ def run(config, topology_names: list[str], *, find_max: bool, with_eval: bool, n
 def _run(args: list[str]) -> None:
     if args:
         raise app.UsageError(f"Unexpected arguments: {args}")
-    from xception_jax import config_validation
+    from xception_jax.training import config_checks
 
     failed = False
     try:
@@ -469,7 +471,7 @@ def _run(args: list[str]) -> None:
             if not report["fits"]:
                 failed = True
                 sys.stderr.write(not_fit_message(report, topology) + "\n")
-    except (AotError, config_validation.ConfigError) as e:
+    except (AotError, config_checks.ConfigError) as e:
         sys.stderr.write(f"{type(e).__name__}: {e}\n")
         sys.exit(2)
     if failed:

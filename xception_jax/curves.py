@@ -27,7 +27,8 @@ import numpy as np
 from absl import flags
 from flax import traverse_util
 
-from xception_jax import cli, storage
+from xception_jax import cli
+from xception_jax.platform import storage
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"

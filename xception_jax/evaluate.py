@@ -9,7 +9,7 @@ Usage: python -m xception_jax.evaluate --config configs/default.py --workdir run
         --timm_weights model.safetensors --config.model.name=xception65 --config.data_dir=D
 
 The whole split, every example exactly once, on any number of processes (the training run's
-evaluation: `input_pipeline.eval_iterator` pads and masks the last batches, `train.eval_step`
+evaluation: `pipeline.eval_iterator` pads and masks the last batches, `steps.eval_step`
 sums over the unmasked examples). For a workdir the config is the run's own (config.json as
 its checkpoint stores it; --config, when given, replaces it, e.g. to evaluate on another
 dataset) and the numbers equal its last eval in metrics.jsonl at the same step. A weight file
@@ -27,7 +27,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from xception_jax import cli, storage
+from xception_jax import cli
+from xception_jax.platform import storage
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file(
@@ -54,7 +55,7 @@ def load_source(config, workdir=None, keras_weights=None, timm_weights=None, ste
     if sum(map(bool, (workdir, keras_weights, timm_weights))) != 1:
         raise EvaluateError("Give exactly one of --workdir, --keras_weights and --timm_weights.")
     if workdir:
-        from xception_jax import checkpoints
+        from xception_jax.training import checkpoints
 
         model, variables, run_config = checkpoints.load(workdir, step=step, ema=ema)
         steps = checkpoints.create_manager(workdir, max_to_keep=None, read_only=True).all_steps()
@@ -65,12 +66,12 @@ def load_source(config, workdir=None, keras_weights=None, timm_weights=None, ste
     if ema:
         raise EvaluateError("--use_ema is for a --workdir (a weight file has one set of weights).")
     if keras_weights:
-        from xception_jax import keras_weights as kw
+        from xception_jax.weights import keras_weights as kw
 
         model, variables = kw.load_model(keras_weights)
         what = {"keras_weights": keras_weights, "model": "xception"}
     else:
-        from xception_jax import timm_weights as tw
+        from xception_jax.weights import timm_weights as tw
 
         model, variables = tw.load_model(timm_weights, config.model.name)
         what = {"timm_weights": timm_weights, "model": config.model.name}
@@ -83,23 +84,25 @@ def evaluate(model, variables, config, mesh=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from xception_jax import input_pipeline, sharding, train
+    from xception_jax.data import feeding, pipeline
+    from xception_jax.platform import sharding
+    from xception_jax.training import steps
 
     mesh = mesh or sharding.create_mesh()
     replicated = sharding.replicated(mesh)
     variables = jax.device_put(variables, replicated)
-    step = jax.jit(functools.partial(train.eval_step, model=model), out_shardings=replicated)
+    step = jax.jit(functools.partial(steps.eval_step, model=model), out_shardings=replicated)
     totals = None
-    for batch in input_pipeline.eval_iterator(config):
+    for batch in pipeline.eval_iterator(config):
         sums = step(
             variables["params"],
             variables["batch_stats"],
-            input_pipeline.to_global_batch(batch, mesh),
+            feeding.to_global_batch(batch, mesh),
         )
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     count = totals.pop("count")
-    # Divided as train.evaluate divides, so a workdir's numbers equal its metrics.jsonl's.
+    # Divided as loop.evaluate divides, so a workdir's numbers equal its metrics.jsonl's.
     result = {f"eval_{k}": v / max(count, 1.0) for k, v in totals.items()}
     return {**result, "count": int(count)}
 
@@ -117,14 +120,14 @@ def run(
     config, workdir=None, keras_weights=None, timm_weights=None, step=None, ema=False, split=None
 ):
     """Evaluates what the arguments name; the result dict (the JSON line's content)."""
-    from xception_jax import input_pipeline
+    from xception_jax.data import sources
 
     model, variables, config, what = load_source(
         config, workdir, keras_weights, timm_weights, step, ema
     )
     if split:
         config.eval_split = split
-    info = input_pipeline.get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     _check_classes(model, config, info, what)
     result = evaluate(model, variables, config)
     return {**result, **what, "dataset": config.dataset, "split": config.get("eval_split")}
@@ -141,7 +144,7 @@ def _run(args: list[str]) -> dict:
     if errors:
         sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
         sys.exit(1)
-    from xception_jax import checkpoints
+    from xception_jax.training import checkpoints
 
     try:
         result = run(
@@ -168,7 +171,7 @@ def _run(args: list[str]) -> dict:
 
 
 def _run_distributed(args: list[str]) -> dict:
-    from xception_jax import sharding
+    from xception_jax.platform import sharding
 
     # Every process of a multi-host job runs this command (before JAX computes anything:
     # so only from the command line, not in a process that already used JAX).

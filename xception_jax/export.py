@@ -28,7 +28,8 @@ import sys
 
 from absl import flags
 
-from xception_jax import cli, storage
+from xception_jax import cli
+from xception_jax.platform import storage
 
 FLAGS = flags.FlagValues()
 cli.define_weight_source_flags(FLAGS, timm_variant_from="--model")
@@ -40,7 +41,7 @@ flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Target platforms.", flag
 flags.DEFINE_string("out", None, "The artifact to write, local or gs://.", flag_values=FLAGS)
 flags.mark_flag_as_required("out", flag_values=FLAGS)
 
-# XLA's own ops: the per-platform 'auto' choice (xception_jax.ops) would bake the exporting
+# XLA's own ops: the per-platform 'auto' choice (xception_jax.model.ops) would bake the exporting
 # host's implementations into an artifact meant for every platform. Equal in value.
 PORTABLE_IMPLS = {"depthwise_impl": "lax", "conv_impl": "lax", "pool_impl": "lax"}
 
@@ -51,12 +52,12 @@ def export_inference(model, variables, image_size: int, platforms=("cpu", "cuda"
     import jax.numpy as jnp
     from jax import export
 
-    from xception_jax import models
+    from xception_jax.model import xception
 
     model = model.clone(**PORTABLE_IMPLS)
 
     def infer(images):
-        return model.apply(variables, models.preprocess(images, model.dtype), train=False)
+        return model.apply(variables, xception.preprocess(images, model.dtype), train=False)
 
     (batch,) = export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.uint8)

@@ -7,7 +7,7 @@ Usage: python -m xception_jax.predict --workdir runs/default img1.png img2.jpg [
     python -m xception_jax.predict --timm_weights model.safetensors --model xception65 cat.jpg
 
 Images of any size and format that TensorFlow decodes (JPEG, PNG, BMP, GIF) go through the
-evaluation preprocessing of the input pipeline (`input_pipeline.preprocess_eval`: central crop
+evaluation preprocessing of the input pipeline (`preprocessing.preprocess_eval`: central crop
 of 87.5% of each side, bilinear resize), so a prediction sees what the evaluation saw. Labels
 are the dataset's class names for a workdir; for a 1000-class Keras or timm file, the ImageNet
 names (in the order of `keras.applications`', timm's and TFDS imagenet2012's labels).
@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from xception_jax import cli, models, storage
+from xception_jax import cli
+from xception_jax.model import xception
+from xception_jax.platform import storage
 
 KERAS_IMAGE_SIZE = 299
 TIMM_IMAGE_SIZE = 299  # timm's default input size for all four Xception variants.
@@ -90,12 +92,12 @@ def load_images(images_or_paths: Sequence, image_size: int) -> np.ndarray:
     """
     import tensorflow as tf
 
-    from xception_jax import input_pipeline
+    from xception_jax.data import preprocessing
 
     out = []
     for item in images_or_paths:
         try:
-            image = input_pipeline.preprocess_eval(
+            image = preprocessing.preprocess_eval(
                 tf.constant(_encoded(item)), image_size=image_size
             )
         except tf.errors.InvalidArgumentError as e:
@@ -109,7 +111,7 @@ def load_images(images_or_paths: Sequence, image_size: int) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _probabilities(model, variables, images):
-    logits = model.apply(variables, models.preprocess(images, model.dtype), train=False)
+    logits = model.apply(variables, xception.preprocess(images, model.dtype), train=False)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -149,10 +151,10 @@ def predict(
 
 def eval_examples(config, num: int) -> tuple[list[bytes], list[int]]:
     """The first `num` (encoded image, label) pairs of the config's eval split, as stored."""
-    from xception_jax import input_pipeline
+    from xception_jax.data import sources
 
     split = config.get("eval_split") or "test"
-    if config.dataset == input_pipeline.IMAGE_FOLDER:
+    if config.dataset == sources.IMAGE_FOLDER:
         root = storage.join(config.image_folder, split)
         classes = sorted(storage.subdirs(root))
         names = list(config.get("class_names") or classes)
@@ -160,12 +162,12 @@ def eval_examples(config, num: int) -> tuple[list[bytes], list[int]]:
             (storage.join(root, c, f), names.index(c))
             for c in classes
             for f in storage.listdir(storage.join(root, c))
-            if f.lower().endswith(input_pipeline.IMAGE_EXTENSIONS)
+            if f.lower().endswith(sources.IMAGE_EXTENSIONS)
         )[:num]
         return [_encoded(p) for p, _ in pairs], [label for _, label in pairs]
     import tensorflow_datasets as tfds
 
-    builder = input_pipeline.prepare_dataset(
+    builder = sources.prepare_dataset(
         config.dataset, config.get("data_dir"), config.get("manual_dir")
     )
     keys = builder.info.supervised_keys
@@ -185,19 +187,19 @@ def load_for_prediction(
     if sum(map(bool, (workdir, keras_weights, timm_weights))) != 1:
         raise ValueError("Give exactly one of --workdir, --keras_weights and --timm_weights.")
     if workdir:
-        from xception_jax import checkpoints
+        from xception_jax.training import checkpoints
 
         model, variables, config = checkpoints.load(workdir, step=step, ema=ema)
         return model, variables, config.class_names, int(config.image_size)
     if timm_weights:
-        from xception_jax import timm_weights as tw
+        from xception_jax.weights import timm_weights as tw
 
         if not model_name:
             raise ValueError(f"--timm_weights needs --model, one of {list(tw.VARIANTS)}.")
         model, variables = tw.load_model(timm_weights, model_name)
         source, size = timm_weights, TIMM_IMAGE_SIZE
     else:
-        from xception_jax import keras_weights as kw
+        from xception_jax.weights import keras_weights as kw
 
         model, variables = kw.load_model(keras_weights)
         source, size = keras_weights, KERAS_IMAGE_SIZE

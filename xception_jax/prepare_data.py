@@ -22,7 +22,8 @@ import time
 
 from absl import flags
 
-from xception_jax import cli, storage
+from xception_jax import cli
+from xception_jax.platform import storage
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dataset", "imagenet2012", "TFDS name, e.g. imagenet2012.", flag_values=FLAGS)
@@ -42,11 +43,11 @@ def _run(args: list[str]):
     if args:
         sys.stderr.write(f"FATAL Unexpected arguments: {args} (every option is a --flag).\n")
         sys.exit(1)
-    from xception_jax import input_pipeline  # imports TensorFlow: after --help
+    from xception_jax.data import sources  # imports TensorFlow: after --help
 
     start = time.time()
     try:
-        builder = input_pipeline.prepare_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
+        builder = sources.prepare_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
     except (FileNotFoundError, storage.UnsupportedPathError) as err:
         # e.g. ImageNet's tars missing: the message says what to do.
         sys.exit(f"error: {err}")

@@ -28,7 +28,8 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from xception_jax import cli, storage
+from xception_jax import cli
+from xception_jax.platform import storage
 
 # name -> list of (variant name, {dotted config field: value}).
 SWEEPS: dict[str, list[tuple[str, dict]]] = {
@@ -137,9 +138,10 @@ def status(config, workdir: str) -> str:
         )
     num_steps = config.num_train_steps
     if num_steps <= 0:  # Derived from num_epochs: ask the dataset (imports TensorFlow).
-        from xception_jax import input_pipeline, optim
+        from xception_jax.data import sources
+        from xception_jax.training import optim
 
-        info = input_pipeline.get_dataset_info(config)
+        info = sources.get_dataset_info(config)
         num_steps = optim.total_steps(config, info.num_train_examples)
     done = storage.isdir(storage.join(workdir, "checkpoints", str(num_steps)))
     return "done" if done else "partial"

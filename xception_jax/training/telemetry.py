@@ -16,7 +16,7 @@ import jax
 import psutil
 from absl import logging
 
-from xception_jax import storage
+from xception_jax.platform import storage
 
 # Peak dense matmul throughput per chip (TPU) or GPU, in TFLOP/s, for the compute dtype.
 # float32 runs at the bfloat16 figure on TPU (JAX's default precision does a float32 matmul

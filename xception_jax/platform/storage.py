@@ -6,8 +6,8 @@ files and orbax's directories go through the same client: for a local path it is
 `os` (relative paths, `~` and everything else behave exactly as before), for gs:// it is
 TensorFlow's gs:// file system when TensorFlow is installed (it always is here: TFDS reads and
 TensorBoard events go through that same file system, one set of credentials for all three).
-`import xception_jax.storage` loads neither TensorFlow nor any cloud client; a gs:// path does
-on first use.
+`import xception_jax.platform.storage` loads neither TensorFlow nor any cloud client; a gs://
+path does on first use.
 
 Object stores have neither appends nor renames. Where it matters this module says how each is
 done on both (`write_atomic`, `LineFile`, `move_tree`).

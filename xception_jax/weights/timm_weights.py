@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from xception_jax import models, storage
+from xception_jax.model import registry
+from xception_jax.platform import storage
 
 VARIANTS = ("xception41", "xception65", "xception71", "legacy_xception")
 _SKIPPED = ("num_batches_tracked",)  # PyTorch BatchNorm's step counter: no use at inference.
@@ -164,7 +165,7 @@ def _check_name(name: str) -> None:
 def load(path: str, name: str, *, include_top: bool | None = None) -> dict[str, Any]:
     """Read timm's weights of variant `name` into ``{'params': ..., 'batch_stats': ...}``.
 
-    The variables fit ``models.create_model(name, num_classes=N)`` with N from the file (the
+    The variables fit ``registry.create_model(name, num_classes=N)`` with N from the file (the
     classifier's rows; a headless file gives ``include_top=False``). ``include_top=False``
     drops the file's classifier (to fine-tune with other classes). Raises ValueError listing
     the first mismatched tensors, with both shapes, when the file is not of this variant.
@@ -175,7 +176,7 @@ def load(path: str, name: str, *, include_top: bool | None = None) -> dict[str, 
     if include_top and num_classes is None:
         raise ValueError(f"{path!r} has no classifier; use include_top=False.")
     top = num_classes is not None and include_top is not False
-    model = models.create_model(
+    model = registry.create_model(
         name, include_top=top, **({"num_classes": num_classes} if top else {})
     )
     size = max(model.min_input_size, 32)
@@ -223,4 +224,4 @@ def load_model(path: str, name: str, **overrides: Any) -> tuple[Any, dict[str, A
         fields["num_classes"] = int(variables["params"]["predictions"]["bias"].shape[0])
     else:
         fields["include_top"] = False
-    return models.create_model(name, **fields), variables
+    return registry.create_model(name, **fields), variables

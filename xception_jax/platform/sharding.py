@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from xception_jax import storage
+from xception_jax.platform import storage
 
 DATA_AXIS = "data"
 

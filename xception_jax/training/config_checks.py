@@ -7,7 +7,9 @@ import difflib
 import jax
 import ml_collections
 
-from xception_jax import data_shards, models, ops, storage
+from xception_jax.data import shards
+from xception_jax.model import ops, registry
+from xception_jax.platform import storage
 
 # Config fields that name a file or directory (local or gs://).
 PATH_FIELDS = (
@@ -68,10 +70,10 @@ def dataset_errors(config: ml_collections.ConfigDict) -> list[str]:
     """A message when config.dataset is neither 'image_folder' nor a registered TFDS dataset."""
     import tensorflow_datasets as tfds
 
-    from xception_jax import input_pipeline  # imports TensorFlow, like tfds
+    from xception_jax.data import sources  # imports TensorFlow, like tfds
 
     name = str(config.dataset)
-    if name == input_pipeline.IMAGE_FOLDER:
+    if name == sources.IMAGE_FOLDER:
         return []
     base = name.split("/")[0]
     if ":" in base:
@@ -81,7 +83,7 @@ def dataset_errors(config: ml_collections.ConfigDict) -> list[str]:
     try:
         tfds.builder_cls(base)
     except tfds.core.registered.DatasetNotFoundError:
-        known = [input_pipeline.IMAGE_FOLDER, *tfds.list_builders(with_community_datasets=False)]
+        known = [sources.IMAGE_FOLDER, *tfds.list_builders(with_community_datasets=False)]
         close = difflib.get_close_matches(base, known, n=3)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return [
@@ -116,7 +118,7 @@ def validate(
     if storage.exists(workdir) and not storage.isdir(workdir):
         errors.append(f"--workdir {workdir} is a file; give a directory (it is created if absent).")
     try:
-        model = models.create_model(
+        model = registry.create_model(
             config.model.name, **{k: v for k, v in config.model.items() if k != "name"}
         )
     except (ValueError, TypeError) as e:  # Unknown model name or model field.
@@ -161,7 +163,8 @@ def path_errors(config: ml_collections.ConfigDict, workdir: str | None = None) -
 
 def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
     """Fine-tuning fields: one source that exists, and no frozen backbone without one."""
-    from xception_jax import pretrained, timm_weights
+    from xception_jax.training import pretrained
+    from xception_jax.weights import timm_weights
 
     given = {f: config.get(f) for f in pretrained.SOURCE_FIELDS if config.get(f)}
     errors = []
@@ -190,7 +193,7 @@ def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
 def batch_errors(config: ml_collections.ConfigDict, devices: int, processes: int = 1) -> list[str]:
     """Batch sizes that the devices (and, for training, the microbatches and the data's logical
     shards) divide evenly, and logical shards that the processes divide evenly."""
-    errors = data_shards.errors(config.batch_size, config.get("data_shards", 1), processes)
+    errors = shards.errors(config.batch_size, config.get("data_shards", 1), processes)
     for field in ("batch_size", "eval_batch_size"):
         value = config[field]
         if value <= 0 or value % devices:

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xception_jax import storage
-from xception_jax.models import Xception
+from xception_jax.model.xception import Xception
+from xception_jax.platform import storage
 
 _BN_ORDER = ("gamma", "beta", "moving_mean", "moving_variance")
 

@@ -14,8 +14,6 @@ Input: float NHWC already scaled to [-1, 1] (``preprocess``). Output: float32 lo
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xception_jax import ops
-from xception_jax.layers import BatchNorm, Conv, PointwiseConv, SeparableConv, get_activation
+from xception_jax.model import ops
+from xception_jax.model.layers import BatchNorm, Conv, PointwiseConv, SeparableConv, get_activation
 
 Dtype = Any
 
@@ -62,7 +60,7 @@ class _XceptionBase(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     # Implementations of the depthwise conv, the stem's dense convs and the max-pools
-    # (``xception_jax.ops``; 'auto' is the backend's fastest measured, all equal in value).
+    # (``xception_jax.model.ops``; 'auto' is the backend's fastest measured, all equal in value).
     depthwise_impl: str = "auto"
     conv_impl: str = "auto"
     pool_impl: str = "auto"
@@ -113,7 +111,7 @@ class _XceptionBase(nn.Module):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(
                 f"Xception wants float input scaled to [-1, 1]; got {x.dtype}. "
-                "Apply xception_jax.models.preprocess(images) first."
+                "Apply xception_jax.preprocess(images) first."
             )
 
     def _ch(self, channels: int) -> int:
@@ -200,7 +198,7 @@ class Xception(_XceptionBase):
       include_top: add the dense classifier.
       pooling: 'avg', 'max', or None (only without top: returns the 4-D exit features).
       dtype / param_dtype: compute / parameter dtypes (bf16 compute with f32 params works).
-      depthwise_impl: 'auto', 'taps', 'taps_vjp' or 'lax' (``xception_jax.ops``).
+      depthwise_impl: 'auto', 'taps', 'taps_vjp' or 'lax' (``xception_jax.model.ops``).
       conv_impl: the stem convs', 'auto', 'im2col' or 'lax'.
       pool_impl: the max-pools', 'auto', 'taps_vjp' or 'lax'.
       bn_momentum, bn_epsilon: BatchNorm (Keras: 0.99, 1e-3).
@@ -376,66 +374,3 @@ class XceptionAligned(_XceptionBase):
         if self._ch(chs[-1]) != shortcut.shape[-1] or stride != 1:
             shortcut = self._shortcut(shortcut, chs[-1], stride, name, train)
         return x + shortcut
-
-
-VARIANTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "xception": (Xception, {}),
-    # CPU variant for tests and the embedded default: every width x0.25 (rounded to 8), two
-    # middle blocks, usable from 32x32 (the final feature map is then 1x1).
-    "xception_tiny": (
-        Xception,
-        {"width_multiplier": 0.25, "middle_blocks": 2, "min_input_size": 32},
-    ),
-    "xception41": (XceptionAligned, {"middle_blocks": 8}),
-    "xception65": (XceptionAligned, {"middle_blocks": 16}),
-    "xception71": (
-        XceptionAligned,
-        {
-            "middle_blocks": 16,
-            "entry_blocks": ((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)),
-        },
-    ),
-    # timm's legacy_xception (Cadene's port of Keras's weights): Keras's model with PyTorch's
-    # BatchNorm epsilon and max-pool padding (FINDINGS "Independent references").
-    "legacy_xception": (Xception, {"bn_epsilon": 1e-5, "pool_padding": "symmetric"}),
-}
-
-
-def model_fields(cls: type[nn.Module]) -> list[str]:
-    """The configurable field names of a model class (flax's ``parent`` and ``name`` excluded)."""
-    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
-
-
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build the registered variant ``name`` with field ``overrides`` (e.g. ``num_classes=10``)."""
-    if name not in VARIANTS:
-        raise ValueError(f"Unknown model {name!r}; registered variants: {sorted(VARIANTS)}.")
-    cls, defaults = VARIANTS[name]
-    allowed = model_fields(cls)
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"Model {name!r} ({cls.__name__}) has no field(s) {unknown}; fields: {allowed}."
-        )
-    kwargs = {**defaults, **overrides}
-    for key in ("dtype", "param_dtype"):
-        if isinstance(kwargs.get(key), str):
-            kwargs[key] = jnp.dtype(kwargs[key])
-    return cls(**kwargs)
-
-
-def count_params(tree: Any) -> int:
-    """Total number of elements of the arrays (or ShapeDtypeStructs) in a pytree."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
-
-
-__all__ = [
-    "VARIANTS",
-    "Xception",
-    "XceptionAligned",
-    "count_params",
-    "create_model",
-    "model_fields",
-    "preprocess",
-    "round_channels",
-]

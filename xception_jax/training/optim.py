@@ -137,7 +137,7 @@ def create_optimizer(
             )
     tx = optax.chain(*parts)
     if config.get("freeze_backbone_steps", 0) > 0:
-        # Fine-tuning: only the classifier trains for the first steps (xception_jax.pretrained).
+        # Fine-tuning: only the classifier trains for the first steps (training/pretrained.py).
         tx = freeze_for_steps(tx, backbone_mask, config.freeze_backbone_steps)
     return tx, schedule
 

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from xception_jax import storage
+from xception_jax.platform import storage
 
 LAYOUT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -307,7 +307,7 @@ def load(workdir: str, step: int | None = None, ema: bool = False):
       `model.apply(variables, x, train=False)`, and the run's config (with `num_classes` and
       `class_names` filled in).
     """
-    from xception_jax import train  # Imports this module: keep the import local.
+    from xception_jax.model import registry  # Imports this module: keep the import local.
 
     storage.check_supported(workdir, "workdir")
     manager = create_manager(workdir, max_to_keep=None, read_only=True)
@@ -324,9 +324,9 @@ def load(workdir: str, step: int | None = None, ema: bool = False):
     config = ml_collections.ConfigDict(meta["config"])
     config.num_classes = meta["num_classes"]
     config.class_names = meta["class_names"]
-    model = train.create_model_from_config(config, meta["num_classes"])
+    model = registry.create_model_from_config(config, meta["num_classes"])
     device = jax.local_devices()[0]
-    abstract = train.abstract_variables(model, config.image_size)
+    abstract = registry.abstract_variables(model, config.image_size)
     item_meta = manager.item_metadata(step)["model"]
     target = {k: abstract[k] for k in ("params", "batch_stats")}
     if "ema_params" in item_meta:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from xception_jax import ops
+from xception_jax.model import ops
 
 Dtype = Any
 

@@ -30,7 +30,8 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from xception_jax import optim, storage
+from xception_jax.platform import storage
+from xception_jax.training import optim
 
 # The config fields that name a pretrained source (at most one may be set), and its kind.
 SOURCE_FIELDS = {
@@ -63,15 +64,15 @@ def source_of(config: ml_collections.ConfigDict) -> str:
 def load_backbone(config: ml_collections.ConfigDict) -> dict:
     """{'params', 'batch_stats'} of the pretrained source, without the classifier."""
     if config.get("init_from_keras"):
-        from xception_jax import keras_weights
+        from xception_jax.weights import keras_weights
 
         variables = keras_weights.load(config.init_from_keras, include_top=False)
     elif config.get("init_from_timm"):
-        from xception_jax import timm_weights
+        from xception_jax.weights import timm_weights
 
         variables = timm_weights.load(config.init_from_timm, config.model.name, include_top=False)
     else:
-        from xception_jax import checkpoints
+        from xception_jax.training import checkpoints
 
         _, variables, _ = checkpoints.load(config.init_from_workdir)
     return {

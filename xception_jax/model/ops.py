@@ -113,7 +113,7 @@ def resolve_impl(op: str, impl: str, platform: str | None = None) -> str:
 def resolve_impls(fields: dict, platform: str | None = None) -> dict:
     """``fields`` with each ``<op>_impl`` present resolved for ``platform`` ('auto' -> its default).
 
-    Models are built with resolved names (train.create_model_from_config) so that the ops they
+    Models are built with resolved names (registry.create_model_from_config) so that the ops they
     trace are the target platform's even when the host is another one.
     """
     out = dict(fields)

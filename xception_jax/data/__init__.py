@@ -1,0 +1,1 @@
+"""Data: sources, preprocessing, the data order (logical shards), feeding the devices."""

@@ -1,0 +1,1 @@
+"""The model: ops (per-platform implementations), layers, the Xception variants, the registry."""

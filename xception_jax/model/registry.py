@@ -1,0 +1,93 @@
+"""The registry of Xception variants: build a model by name, from overrides or a config.
+
+``create_model(name, **overrides)`` is the one way a model is built (timm's ``create_model``);
+``create_model_from_config`` adds what a training config decides (classes, compute dtype, the
+op implementations of the platform compiled for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xception_jax.model import ops
+from xception_jax.model.xception import Xception, XceptionAligned
+
+VARIANTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "xception": (Xception, {}),
+    # CPU variant for tests and the embedded default: every width x0.25 (rounded to 8), two
+    # middle blocks, usable from 32x32 (the final feature map is then 1x1).
+    "xception_tiny": (
+        Xception,
+        {"width_multiplier": 0.25, "middle_blocks": 2, "min_input_size": 32},
+    ),
+    "xception41": (XceptionAligned, {"middle_blocks": 8}),
+    "xception65": (XceptionAligned, {"middle_blocks": 16}),
+    "xception71": (
+        XceptionAligned,
+        {
+            "middle_blocks": 16,
+            "entry_blocks": ((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)),
+        },
+    ),
+    # timm's legacy_xception (Cadene's port of Keras's weights): Keras's model with PyTorch's
+    # BatchNorm epsilon and max-pool padding (FINDINGS "Independent references").
+    "legacy_xception": (Xception, {"bn_epsilon": 1e-5, "pool_padding": "symmetric"}),
+}
+
+
+def model_fields(cls: type[nn.Module]) -> list[str]:
+    """The configurable field names of a model class (flax's ``parent`` and ``name`` excluded)."""
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build the registered variant ``name`` with field ``overrides`` (e.g. ``num_classes=10``)."""
+    if name not in VARIANTS:
+        raise ValueError(f"Unknown model {name!r}; registered variants: {sorted(VARIANTS)}.")
+    cls, defaults = VARIANTS[name]
+    allowed = model_fields(cls)
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"Model {name!r} ({cls.__name__}) has no field(s) {unknown}; fields: {allowed}."
+        )
+    kwargs = {**defaults, **overrides}
+    for key in ("dtype", "param_dtype"):
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = jnp.dtype(kwargs[key])
+    return cls(**kwargs)
+
+
+def count_params(tree: Any) -> int:
+    """Total number of elements of the arrays (or ShapeDtypeStructs) in a pytree."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def create_model_from_config(
+    config: ml_collections.ConfigDict, num_classes: int, platform: str | None = None
+) -> nn.Module:
+    """The flax module that `config.model` describes, with compute dtype from half_precision.
+
+    Its op implementations are resolved for `platform` (default: JAX's backend): 'auto' becomes
+    that platform's choice, so a step compiled for a TPU from a CPU host traces the TPU's ops.
+    """
+    overrides = {k: v for k, v in config.model.items() if k != "name"}
+    overrides = ops.resolve_impls(
+        {**{f"{op}_impl": "auto" for op in ops.IMPLS}, **overrides}, platform
+    )
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    return create_model(config.model.name, num_classes=num_classes, dtype=dtype, **overrides)
+
+
+def abstract_variables(model: nn.Module, image_size: int):
+    """Shapes and dtypes of the model's variables, without computing anything."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)

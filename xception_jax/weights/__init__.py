@@ -1,0 +1,1 @@
+"""Weights in from the ecosystem: Keras and timm files -> Flax variables (no Keras, no torch)."""
