@@ -48,7 +48,8 @@ def main(argv):
     from xception_jax.platform import hugepages
 
     absl_logging.info(
-        "malloc with transparent huge pages: %s (GLIBC_TUNABLES=%r; see xception_jax/hugepages.py)",
+        "malloc with transparent huge pages: %s (GLIBC_TUNABLES=%r; see "
+        "xception_jax/platform/hugepages.py)",
         hugepages.active(),
         os.environ.get("GLIBC_TUNABLES"),
     )

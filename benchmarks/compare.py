@@ -31,7 +31,7 @@ when present): install it as benchmarks/requirements-peers.txt says.
   python benchmarks/compare.py --glibc-tunables ''    # without huge pages for malloc
 
 Every system runs with the same ``GLIBC_TUNABLES``: by default ``glibc.malloc.hugetlb=1``, which
-train.py sets for itself (xception_jax/hugepages.py); the peers are measured under it too.
+train.py sets for itself (xception_jax/platform/hugepages.py); the peers are measured under it too.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ From another run's checkpoint instead of a Keras file:
 
 The backbone is frozen for the first `freeze_backbone_steps` steps: only the new classifier
 trains, on the pretrained features (backbone parameters and BatchNorm statistics stay exactly
-as loaded, BatchNorm in inference mode); then everything trains (xception_jax/pretrained.py).
+as loaded, BatchNorm in inference mode); then everything trains
+(xception_jax/training/pretrained.py).
 Resuming an interrupted fine-tune runs the same command again (the checkpoint wins over the
 pretrained source).
 """

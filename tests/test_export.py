@@ -13,7 +13,7 @@ import pytest
 from xception_jax import export
 from xception_jax.model import registry, xception
 
-# Serving as the README shows it; importing xception_jax there fails (a blocking import hook),
+# Serving as docs/inference.md shows it; importing xception_jax there fails (an import hook),
 # so the artifact provably needs only JAX.
 SERVE = textwrap.dedent(
     """

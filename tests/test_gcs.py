@@ -1,10 +1,10 @@
 """Everything on gs://, against a real GCS emulator on loopback (tests/gcs.py).
 
 The workdir and the TFDS data_dir live in the emulator's bucket; `python train.py`, the tools
-and the notebook functions run as users run them. The commands are the README's section
-"Running on Cloud TPU", in their emulator form (`emulator_form`); the last test checks that each
-of them ran. Each case checks the result against the same thing done locally, or what the user
-sees.
+and the notebook functions run as users run them. The commands are those of the section
+"Running on Cloud TPU" of docs/tpu_and_cloud.md, in their emulator form (`emulator_form`); the
+last test checks that each of them ran. Each case checks the result against the same thing done
+locally, or what the user sees.
 """
 
 import json
@@ -52,18 +52,19 @@ def gs_dir(name: str) -> str:
     return f"gs://{gcs.BUCKET}/{uuid.uuid4().hex[:8]}/{name}"
 
 
-# What the README calls gs://my-bucket: one directory of the emulator's bucket for this module.
+# What the docs call gs://my-bucket: one directory of the emulator's bucket for this module.
 BUCKET_ROOT = gs_dir("my-bucket")
-README_SECTION = "## Running on Cloud TPU"
+CLOUD_DOC = os.path.join("docs", "tpu_and_cloud.md")
+CLOUD_SECTION = "## Running on Cloud TPU"
 # A command on a line of its own, or inside gcloud's --command "...".
 _COMMAND = re.compile(r'^(python (?:train\.py|-m xception_jax).*)$|"[^"]*&& (python [^"]*)"')
-RAN = []  # The README commands (as written there) that the tests below ran.
+RAN = []  # The docs commands (as written there) that the tests below ran.
 
 
-def readme_commands() -> list[list[str]]:
-    """The `python ...` commands of the README's Cloud TPU section, as argv lists."""
-    with open(os.path.join(procs.REPO, "README.md")) as f:
-        section = f.read().split(README_SECTION, 1)[1].split("\n## ", 1)[0]
+def cloud_doc_commands() -> list[list[str]]:
+    """The `python ...` commands of docs/tpu_and_cloud.md's Cloud TPU section, as argv lists."""
+    with open(os.path.join(procs.REPO, CLOUD_DOC)) as f:
+        section = f.read().split(CLOUD_SECTION, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     return [
@@ -74,12 +75,12 @@ def readme_commands() -> list[list[str]]:
     ]
 
 
-def readme_command(tool: str, contains: str = "", excludes: str = "\0") -> list[str]:
-    """The one README command of `tool` ('train.py', 'xception_jax.curves', ...) whose text
+def cloud_doc_command(tool: str, contains: str = "", excludes: str = "\0") -> list[str]:
+    """The one docs command of `tool` ('train.py', 'xception_jax.curves', ...) whose text
     holds `contains` and not `excludes`."""
     found = [
         c
-        for c in readme_commands()
+        for c in cloud_doc_commands()
         if tool in c[:3] and contains in shlex.join(c) and excludes not in shlex.join(c)
     ]
     assert len(found) == 1, (tool, contains, found)
@@ -87,7 +88,7 @@ def readme_command(tool: str, contains: str = "", excludes: str = "\0") -> list[
 
 
 def emulator_form(command: list[str], **fields) -> list[str]:
-    """A README command as it runs here: gs://my-bucket -> BUCKET_ROOT, the digits and
+    """A docs command as it runs here: gs://my-bucket -> BUCKET_ROOT, the digits and
     configs/default.py for ImageNet; `fields` are --config.x=y overrides appended (e.g. fewer
     steps). Flags come as --flag=value. The argv after 'python train.py' or 'python -m'."""
     RAN.append(command)
@@ -106,9 +107,9 @@ def emulator_form(command: list[str], **fields) -> list[str]:
 
 
 def multi_process_args(port: int, process_id: int, workdir: str, **fields) -> list[str]:
-    """The README's GPU-cluster command, emulator form: process `process_id` of 2 on
+    """The docs' GPU-cluster command, emulator form: process `process_id` of 2 on
     127.0.0.1:`port`, writing to `workdir`."""
-    argv = emulator_form(readme_command("train.py", "--coordinator_address"), **fields)
+    argv = emulator_form(cloud_doc_command("train.py", "--coordinator_address"), **fields)
     argv = replaced(
         argv,
         coordinator_address=f"127.0.0.1:{port}",
@@ -136,9 +137,9 @@ def replaced(argv: list[str], **flags) -> list[str]:
 
 
 def main_job_args(workdir=None, data_dir=None):
-    """The README's pod command in emulator form (the main job, STEPS steps), optionally with
+    """The docs' pod command in emulator form (the main job, STEPS steps), optionally with
     another workdir and data_dir."""
-    pod = readme_command("train.py", excludes="--coordinator_address")
+    pod = cloud_doc_command("train.py", excludes="--coordinator_address")
     argv = emulator_form(pod, **TRAIN_FIELDS)
     new = {"workdir": workdir, "config.data_dir": data_dir}
     return replaced(argv, **{k: v for k, v in new.items() if v is not None})
@@ -182,8 +183,8 @@ def run_module(args, cwd=procs.REPO, timeout=TIMEOUT):
 
 @pytest.fixture(scope="module")
 def gs_data_dir(gcs_emulator):
-    """sklearn_digits prepared into a gs:// data_dir by the README's command."""
-    done = run_module(emulator_form(readme_command("xception_jax.prepare_data")))
+    """sklearn_digits prepared into a gs:// data_dir by the docs' command."""
+    done = run_module(emulator_form(cloud_doc_command("xception_jax.prepare_data")))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"sklearn_digits ready in {BUCKET_ROOT}/tfds" in done.stdout
     return f"{BUCKET_ROOT}/tfds"
@@ -370,7 +371,7 @@ def files_under(emulator, prefix):
     return {n.removeprefix(prefix): size for n, size in objects if not n.endswith("/")}
 
 
-# Tiny and short: the README's GPU-cluster command as 2 processes on loopback.
+# Tiny and short: the docs' GPU-cluster command as 2 processes on loopback.
 TWO_PROCESS_FIELDS = {
     "image_size": 32,
     "batch_size": 16,
@@ -414,7 +415,7 @@ def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gcs_emulator, capsys
     assert config.class_names == local_config.class_names
 
     # curves: a gs:// workdir in, PNG / SVG / table out to gs://.
-    curves.main(emulator_form(readme_command("xception_jax.curves", "runs/imagenet"))[1:])
+    curves.main(emulator_form(cloud_doc_command("xception_jax.curves", "runs/imagenet"))[1:])
     for name in ("curves.png", "curves.svg", "eval.md"):
         assert storage.exists(f"{gs_workdir}/{name}"), name
     assert storage.read_bytes(f"{gs_workdir}/curves.png").startswith(b"\x89PNG")
@@ -424,16 +425,16 @@ def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gcs_emulator, capsys
     encoded, _ = predict.eval_examples(config, 1)
     storage.write_atomic(f"{BUCKET_ROOT}/images/cat.jpg", encoded[0])
     capsys.readouterr()
-    predict.main(emulator_form(readme_command("xception_jax.predict"))[1:])
+    predict.main(emulator_form(cloud_doc_command("xception_jax.predict"))[1:])
     label, p = predict.predict(encoded, model, variables, config.class_names, config.image_size)[0][
         0
     ]
     assert f"{p:7.4f}  {label}" in capsys.readouterr().out
 
-    # sweep: the README's dry run prints the commands and writes nothing; then the same sweep,
+    # sweep: the docs' dry run prints the commands and writes nothing; then the same sweep,
     # short, trains each variant into gs://.
     sweep_dir = f"{BUCKET_ROOT}/sweeps/residual"
-    command = emulator_form(readme_command("xception_jax.sweep"))
+    command = emulator_form(cloud_doc_command("xception_jax.sweep"))
     dry = run_module(command)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert f"--workdir={sweep_dir}/no_residual/seed0" in dry.stdout
@@ -452,7 +453,7 @@ def test_load_curves_predict_and_sweep_on_gs(main_job_runs, gcs_emulator, capsys
         written = ml_collections.ConfigDict(json.loads(storage.read_text(f"{workdir}/config.json")))
         assert sweep.status(written, workdir) == "done"
     # curves with a gs:// pattern (no shell can expand it): both variants, one figure.
-    curves.main(emulator_form(readme_command("xception_jax.curves", "*"))[1:])
+    curves.main(emulator_form(cloud_doc_command("xception_jax.curves", "*"))[1:])
     table = capsys.readouterr().out
     assert "residual=True" in table and "residual=False" in table
     assert storage.exists(f"{sweep_dir}/curves.png")
@@ -542,10 +543,10 @@ def test_s3_is_a_clear_error_before_anything_is_written(
     assert list(cwd.iterdir()) == []
 
 
-def test_every_readme_cloud_command_ran_here():
+def test_every_cloud_doc_command_ran_here():
     # Run after the tests above (one module runs in file order on one worker).
-    assert readme_commands(), "README section 'Running on Cloud TPU' has no python command"
-    missing = [shlex.join(c) for c in readme_commands() if c not in RAN]
+    assert cloud_doc_commands(), f"{CLOUD_DOC} section {CLOUD_SECTION!r} has no python command"
+    missing = [shlex.join(c) for c in cloud_doc_commands() if c not in RAN]
     assert missing == []
 
 

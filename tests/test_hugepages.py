@@ -12,7 +12,7 @@ from xception_jax.platform import hugepages
 SCRIPT = """
 import json, os, sys
 print("start", os.getpid(), flush=True)
-from xception_jax import hugepages
+from xception_jax.platform import hugepages
 hugepages.reexec_with_hugepages()
 print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "active": hugepages.active(),
                   "tunables": os.environ.get("GLIBC_TUNABLES")}))

@@ -1,5 +1,5 @@
 """What a run reports: FLOP/s and MFU, memory, device-hours, input stalls, where the wall time
-went, and a profiler window (xception_jax/telemetry.py, wired in loop.train_and_evaluate)."""
+went, and a profiler window (training/telemetry.py, wired in loop.train_and_evaluate)."""
 
 import json
 import logging

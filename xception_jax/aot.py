@@ -403,7 +403,7 @@ def not_fit_message(r: dict, topology: Topology) -> str:
     tries = []
     if r["dtype"] == "float32":
         tries.append("bf16 (--config.half_precision=True)")
-    # Cheapest first: sepconv remat costs <1% more FLOPs on TPU, block remat ~30% (README).
+    # Cheapest first: sepconv remat costs <1% more FLOPs on TPU, block remat ~30% (docs/memory.md).
     if not r["remat"]:
         tries.append("remat (--config.model.remat=True)")
     elif not r["remat_blocks"]:

@@ -128,7 +128,7 @@ def global_batch(config, step) -> tuple[np.ndarray, np.ndarray]:
     Exactly what a run of `config` trains on at that step, on any number of processes (in the
     order of the global array), read in this one process: replays a step of a pod run in a
     notebook. It reads what the step's shards read on resume (up to one epoch of encoded
-    records over all shards, read in parallel; README "Replaying a step").
+    records over all shards, read in parallel; docs/data.md "Replaying a step").
     """
     batch = next(train_iterator(config, step, step + 1, process_index=0, process_count=1))
     return batch["image"], batch["label"]

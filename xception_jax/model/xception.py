@@ -76,7 +76,7 @@ class _XceptionBase(nn.Module):
     # Recompute each whole block (entry, middle and exit flow, and the aligned model's blocks)
     # in the backward pass from the block's input, which is all the forward pass keeps of it
     # (nn.remat around the block; same values and gradients; about one more forward pass of
-    # compute). The memory per image this saves on TPU is in the README ("Memory on TPU").
+    # compute). The memory per image this saves on TPU is in docs/memory.md.
     remat_blocks: bool = False
 
     def _remat_block(self, fn, x, *args):

@@ -74,7 +74,7 @@ def check_supported(path, what: str = "path") -> None:
     )
     raise UnsupportedPathError(
         f"{what}={os.fspath(path)!r}: {found}:// is not supported ({note}). Use a local or "
-        "mounted path, or gs://bucket/... (see README 'Running on Cloud TPU')."
+        "mounted path, or gs://bucket/... (see docs/tpu_and_cloud.md)."
     )
 
 
