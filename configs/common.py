@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.0
     config.model.remat = False  # Recompute sepconvs' inner activations: less memory, 4-6% slower.
     # Recompute every block from its input in the backward pass: the least memory, about one
-    # more forward pass of compute (HBM per image on TPU: README "Memory on TPU").
+    # more forward pass of compute (HBM per image on TPU: docs/memory.md).
     config.model.remat_blocks = False
     # Op implementations (xception_jax.model.ops.IMPLS; all equal in value): 'auto' is the backend's
     # fastest measured. E.g. 'lax' everywhere for XLA's own ops, or 'taps_vjp' to try on GPU.

@@ -16,7 +16,8 @@ Not stated, chosen here (each overridable on the command line):
   kernel, depthwise included; not on BatchNorm scale/offset nor on the classifier bias.
 
 Memory (measured by compiling for each TPU slice on a CPU host, `python -m xception_jax.aot
---config configs/imagenet.py --topology <slice>`; README "The paper's batch on small slices"):
+--config configs/imagenet.py --topology <slice>`; docs/memory.md, "The paper's batch
+on small slices"):
 - bfloat16 compute (parameters, optimizer state and BatchNorm statistics stay float32) and
   grad_accum_steps=4: the batch of 1024 runs as 4 microbatches of 256, 64 images per chip on 4
   chips (BatchNorm statistics per microbatch of 256, cf. the paper's per-GPU BatchNorm). As
@@ -51,7 +52,7 @@ def get_config():
     # Up to 64 hosts (a v4-512 or v5e-256 slice), any power of two below; 16 images per shard
     # and step.
     config.data_shards = 64
-    # Fits the paper's batch on small TPU slices (see the docstring and README "Memory on TPU").
+    # Fits the paper's batch on small TPU slices (see the docstring and docs/memory.md).
     config.half_precision = True
     config.grad_accum_steps = 4
 

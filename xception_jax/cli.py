@@ -42,7 +42,7 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS):
         sys.stderr.write(
             f"FATAL Flags parsing error: a --config override names a field that does not exist: "
             f"{message}\n  Overrides given: {overrides}\n  Every field is listed in "
-            "configs/common.py (model fields in xception_jax/models.py).\n"
+            "configs/common.py (model fields in xception_jax/model/xception.py).\n"
         )
         sys.exit(1)
     except flags.Error as e:

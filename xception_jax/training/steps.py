@@ -181,7 +181,7 @@ def jit_steps(model, tx, config: ml_collections.ConfigDict, mesh, donate: bool =
 
 
 def abstract_batch(batch_size: int, image_size: int, mesh, eval_mask: bool = False) -> dict:
-    """Shapes, dtypes and shardings of a global batch as input_pipeline delivers it."""
+    """Shapes, dtypes and shardings of a global batch as data.feeding delivers it."""
     sharded = sharding.batch_sharded(mesh)
     batch = {
         "image": jax.ShapeDtypeStruct(
