@@ -26,6 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from xception_jax.model.layers import get_activation
 from xception_jax.model.xception import Xception
 from xception_jax.platform import storage
 from xception_jax.weights import keras_weights
@@ -51,6 +52,14 @@ _KERAS_CLASS = {
 MIN_IMAGE_SIZE = 71  # keras.applications.Xception's smallest input.
 
 
+def field_value(model, name: str):
+    """A model field as it acts: configs spell "no intermediate activation" 'none' too."""
+    value = getattr(model, name)
+    if name == "intermediate_activation" and get_activation(value) is None:
+        return None
+    return value
+
+
 def keras_errors(model, image_size: int | None = None) -> list[str]:
     """Why `model` cannot be exported to Keras's Xception (empty: it can), each by name."""
     if type(model) is not Xception:
@@ -61,7 +70,7 @@ def keras_errors(model, image_size: int | None = None) -> list[str]:
     errors = [
         f"{name}={getattr(model, name)!r} (Keras's Xception has {want!r})"
         for name, want in KERAS_FIELDS.items()
-        if getattr(model, name) != want
+        if field_value(model, name) != want
     ]
     if image_size is not None and image_size < MIN_IMAGE_SIZE:
         errors.append(f"image_size={image_size} (Keras's Xception takes {MIN_IMAGE_SIZE} or more)")

@@ -22,6 +22,7 @@ from flax import traverse_util
 from xception_jax.model import registry
 from xception_jax.platform import storage
 from xception_jax.weights import timm_weights
+from xception_jax.weights.keras_export import field_value
 
 # Fields that leave the weights' meaning unchanged (see the module docstring).
 _FREE = {
@@ -50,7 +51,7 @@ def _differences(model, name: str) -> list[str]:
     return [
         f"{field}={getattr(model, field)!r} (timm's {name!r}: {getattr(reference, field)!r})"
         for field in registry.model_fields(cls)
-        if field not in _FREE and getattr(model, field) != getattr(reference, field)
+        if field not in _FREE and field_value(model, field) != field_value(reference, field)
     ]
 
 
