@@ -128,6 +128,7 @@ class _Entry:
     cls: str  # snake-case class ('conv2d', 'dense', 'functional', ...)
     owner: tuple[str, ...]  # the names of the models it is nested in, outermost first
     arrays: list[np.ndarray] = field(default_factory=list)
+    activation: str | None = None  # a Dense's, where config.json says it
 
 
 @dataclass
@@ -163,7 +164,8 @@ def _walk_config(
         used[cls] = used.get(cls, -1) + 1
         key = cls if used[cls] == 0 else f"{cls}_{used[cls]}"
         sub = layers[key] if layers is not None and key in layers else None
-        entries.append(_Entry(name, cls, owner, _vars(sub)))
+        activation = inner.get("activation") if isinstance(inner.get("activation"), str) else None
+        entries.append(_Entry(name, cls, owner, _vars(sub), activation))
         if "layers" in inner:  # a nested model (Functional, Sequential)
             entries += _walk_config(inner["layers"], sub, (*owner, name))
     return entries
@@ -217,6 +219,8 @@ def _locate_xception(entries: list[_Entry], path: str) -> FileContents:
         and len(head) == 1
         and head[0].cls == "dense"
         and head[0].arrays[0].shape[0] == _XCEPTION_FEATURES
+        # Logits or their softmax (as Keras's own top); another activation is the user's head.
+        and head[0].activation in (None, "linear", "softmax")
         and outside <= set(_TOP_ONLY) | set(_CONTAINERS)
         and not any(e.cls.startswith("global_max") for e in entries if inside(e))
     )
