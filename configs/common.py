@@ -100,7 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Fine-tuning (xception_jax.training.pretrained, configs/finetune.py): start a new run from
     # pretrained weights, every variable but the classifier ('predictions', fresh for the
     # dataset's classes); ignored when the workdir has a checkpoint (the run resumes instead).
-    config.init_from_keras = ml_collections.config_dict.placeholder(str)  # Keras .h5 file.
+    # A Keras .keras / .weights.h5 / .h5 file holding an Xception (nested or whole).
+    config.init_from_keras = ml_collections.config_dict.placeholder(str)
     # timm .safetensors file of the variant config.model.name names: xception41 / 65 / 71 or
     # legacy_xception (xception_jax.weights.timm_weights).
     config.init_from_timm = ml_collections.config_dict.placeholder(str)

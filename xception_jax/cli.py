@@ -126,7 +126,11 @@ def define_weight_source_flags(flag_values: flags.FlagValues, timm_variant_from:
         "workdir", None, "A training workdir (its newest checkpoint).", flag_values=flag_values
     )
     flags.DEFINE_string(
-        "keras_weights", None, "A Keras Xception .h5 weight file.", flag_values=flag_values
+        "keras_weights",
+        None,
+        "A Keras file holding an Xception: .keras (also a transfer model with Xception nested), "
+        ".weights.h5 or legacy .h5.",
+        flag_values=flag_values,
     )
     flags.DEFINE_string(
         "timm_weights",

@@ -1,6 +1,10 @@
-"""Export a trained model for serving: a `jax.export` artifact that runs without this package.
+"""Export a trained model: a `jax.export` serving artifact (default), or Keras / timm weights.
 
 Usage: python -m xception_jax.export --workdir runs/default --out model.jaxexport
+
+    python -m xception_jax.export --workdir runs/finetune --format keras --out model.keras
+    python -m xception_jax.export --workdir runs/finetune --format keras --out x.weights.h5
+    python -m xception_jax.export --workdir runs/xception65 --format timm --out x.safetensors
 
     python -m xception_jax.export --keras_weights xception_weights_tf_dim_ordering_tf_kernels.h5 \\
         --out xception.jaxexport
@@ -19,6 +23,15 @@ needs only JAX:
     logits = exported.call(images_uint8)
 
 Beside the artifact, `<out>.json` records the input size, the class names and the source.
+
+--format keras (the `xception` model with Keras's switches): `--out *.keras`, a whole model for
+`keras.saving.load_model` (float images in [-1, 1] of the run's input size -> logits; Keras is
+imported for this one), or `--out *.weights.h5` for `keras.applications.Xception(weights=None,
+classes=N, input_shape=...).load_weights`. --format timm (xception41/65/71, legacy_xception with
+timm's switches): `--out *.safetensors` for `timm.create_model(name, num_classes=N)
+.load_state_dict(safetensors.torch.load_file(path), strict=True)`. A model with switches the
+other library cannot express (e.g. residual=False) is refused by name before anything is
+written. --ema exports the Polyak-averaged weights. Details: docs/weights_in_and_out.md.
 """
 
 from __future__ import annotations
@@ -33,6 +46,14 @@ from xception_jax.platform import storage
 
 FLAGS = flags.FlagValues()
 cli.define_weight_source_flags(FLAGS, timm_variant_from="--model")
+flags.DEFINE_enum(
+    "format",
+    "jax",
+    ["jax", "keras", "timm"],
+    "jax: a jax.export serving artifact; keras: a .keras or .weights.h5 (by --out's name); "
+    "timm: a .safetensors state dict.",
+    flag_values=FLAGS,
+)
 flags.DEFINE_bool(
     "ema", False, "Export the Polyak-averaged weights (--workdir).", flag_values=FLAGS
 )
@@ -64,6 +85,26 @@ def export_inference(model, variables, image_size: int, platforms=("cpu", "cuda"
     return export.export(jax.jit(infer), platforms=tuple(platforms))(spec)
 
 
+def write_weights(fmt: str, out: str, model, variables, image_size: int) -> str:
+    """Writes `variables` of `model` as a Keras ('keras') or timm ('timm') file `out`.
+
+    Refuses (ValueError naming the switches) a model the format cannot express, before any
+    byte is written. Returns what was written, in words.
+    """
+    if fmt == "timm":
+        from xception_jax.weights import timm_export
+
+        name = timm_export.write_timm(out, model, variables)
+        return f"timm.create_model({name!r}, num_classes={model.num_classes})'s state dict"
+    from xception_jax.weights import keras_export
+
+    if out.endswith(".weights.h5"):
+        keras_export.write_weights_h5(out, model, variables)
+        return f"weights of keras.applications.Xception(classes={model.num_classes})"
+    keras_export.write_keras(out, model, variables, image_size)
+    return f"keras.applications.Xception(classes={model.num_classes}), input {image_size} px"
+
+
 def _run(args: list[str]) -> None:
     if args:
         sys.stderr.write(f"FATAL Unexpected arguments: {args} (every option is a --flag).\n")
@@ -73,10 +114,25 @@ def _run(args: list[str]) -> None:
     if errors:
         sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
         sys.exit(1)
+    suffixes = {"keras": (".keras", ".weights.h5"), "timm": (".safetensors",)}
+    if FLAGS.format in suffixes and not FLAGS.out.endswith(suffixes[FLAGS.format]):
+        sys.stderr.write(
+            f"FATAL --format {FLAGS.format} writes {' or '.join(suffixes[FLAGS.format])} files; "
+            f"--out={FLAGS.out!r} is neither.\n"
+        )
+        sys.exit(1)
     from xception_jax import predict
 
     model, variables, names, image_size = predict.load_from_flags(FLAGS)
     image_size = FLAGS.image_size or image_size
+    if FLAGS.format != "jax":
+        try:
+            what = write_weights(FLAGS.format, FLAGS.out, model, variables, image_size)
+        except ValueError as e:
+            sys.stderr.write(f"FATAL {e}\n")
+            sys.exit(1)
+        print(f"Wrote {FLAGS.out} ({what})")
+        return
     exported = export_inference(model, variables, image_size, FLAGS.platforms)
     storage.write_atomic(FLAGS.out, bytes(exported.serialize()))
     source = FLAGS.workdir or FLAGS.keras_weights or FLAGS.timm_weights

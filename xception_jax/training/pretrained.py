@@ -2,7 +2,8 @@
 
 Sources (config fields, see configs/common.py and configs/finetune.py):
 - `config.init_from_keras`: a Keras Xception weight file (the ImageNet
-  `xception_weights_tf_dim_ordering_tf_kernels[_notop].h5`, or any file `keras_weights` reads);
+  `xception_weights_tf_dim_ordering_tf_kernels[_notop].h5`, or any file `keras_weights` reads:
+  a `.keras` transfer model with Xception nested and a head of its own included);
   the model must be the full `xception` (same widths and middle-flow depth as the file);
 - `config.init_from_timm`: timm's `.safetensors` weights of the variant `config.model.name`
   names (`xception41`, `xception65`, `xception71` or `legacy_xception`; `timm_weights`);
