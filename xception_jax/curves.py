@@ -28,7 +28,7 @@ from absl import flags
 from flax import traverse_util
 
 from xception_jax import cli
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -276,20 +276,19 @@ def _run(workdirs: list[str]) -> None:
 
     matplotlib.use("Agg")
     named = [("--out", FLAGS.out), ("--table", FLAGS.table)] + [("workdir", w) for w in workdirs]
-    errors = storage.unsupported(named)  # Before reading anything.
-    errors += [
-        f"--x: unknown axis {x!r}; choose from {sorted(X_AXES)}."
-        for x in FLAGS.x
-        if x not in X_AXES
-    ]
-    if errors:
-        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
-        sys.exit(1)
+    storage.check_all_supported(named)  # Before reading anything.
+    storage.check_writable([("--out", FLAGS.out), ("--table", FLAGS.table)])
+    unknown = [x for x in FLAGS.x if x not in X_AXES]
+    if unknown:
+        raise errors.UsageError(f"--x: unknown axes {unknown}; choose from {sorted(X_AXES)}.")
     expanded = []
     for pattern in workdirs:
         matches = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
-            raise FileNotFoundError(f"No workdir matches {pattern!r}.")
+            raise FileNotFoundError(
+                f"No workdir matches {pattern!r}: check the pattern (quote it, so that curves "
+                "expands it, also on gs://)."
+            )
         expanded += matches
     groups = group_runs([load_run(w) for w in expanded])
     fig = plot(groups, log_loss=FLAGS.log_loss, title=FLAGS.title, x_axes=tuple(FLAGS.x))

@@ -24,12 +24,11 @@ Beside the artifact, `<out>.json` records the input size, the class names and th
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 
 from xception_jax import cli
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 FLAGS = flags.FlagValues()
 cli.define_weight_source_flags(FLAGS, timm_variant_from="--model")
@@ -41,6 +40,7 @@ flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Target platforms.", flag
 flags.DEFINE_string("out", None, "The artifact to write, local or gs://.", flag_values=FLAGS)
 flags.mark_flag_as_required("out", flag_values=FLAGS)
 
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 # XLA's own ops: the per-platform 'auto' choice (xception_jax.model.ops) would bake the exporting
 # host's implementations into an artifact meant for every platform. Equal in value.
 PORTABLE_IMPLS = {"depthwise_impl": "lax", "conv_impl": "lax", "pool_impl": "lax"}
@@ -65,14 +65,14 @@ def export_inference(model, variables, image_size: int, platforms=("cpu", "cuda"
 
 
 def _run(args: list[str]) -> None:
-    if args:
-        sys.stderr.write(f"FATAL Unexpected arguments: {args} (every option is a --flag).\n")
-        sys.exit(1)
     paths = ("workdir", "keras_weights", "timm_weights", "out")
-    errors = storage.unsupported([(f"--{f}", FLAGS[f].value) for f in paths])
-    if errors:
-        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
-        sys.exit(1)
+    storage.check_all_supported([(f"--{f}", FLAGS[f].value) for f in paths])
+    storage.check_writable([("--out", FLAGS.out), ("--out", FLAGS.out + ".json")])
+    unknown = sorted(set(FLAGS.platforms) - set(PLATFORMS))
+    if unknown:
+        raise errors.UsageError(
+            f"--platforms: unknown platform(s) {unknown}; choose from {list(PLATFORMS)}."
+        )
     from xception_jax import predict
 
     model, variables, names, image_size = predict.load_from_flags(FLAGS)

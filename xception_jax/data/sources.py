@@ -12,6 +12,7 @@ folder. Records stay encoded here (cheap to skip); `data/pipeline.py` decodes th
 """
 
 import dataclasses
+import difflib
 import os
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ import tensorflow_datasets as tfds
 
 import xception_jax.data.sklearn_digits  # noqa: F401  (registers 'sklearn_digits' with TFDS)
 from xception_jax.platform import storage
+from xception_jax.platform.errors import UsageError
 
 # TF must not reserve accelerator memory: JAX owns the devices. (A no-op with tensorflow-cpu.)
 try:
@@ -57,6 +59,29 @@ def split_names(config):
     return config_field(config, "train_split", "train"), config_field(config, "eval_split", "")
 
 
+def dataset_name_errors(name: str) -> list[str]:
+    """A message when `name` is neither 'image_folder' nor a registered TFDS dataset."""
+    name = str(name)
+    if name == IMAGE_FOLDER:
+        return []
+    base = name.split("/")[0]
+    if ":" in base:
+        base, _, version = base.partition(":")
+        if not version[:1].isdigit():
+            return []  # A community dataset ("namespace:name"): TFDS resolves it.
+    try:
+        tfds.builder_cls(base)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = [IMAGE_FOLDER, *tfds.list_builders(with_community_datasets=False)]
+        close = difflib.get_close_matches(base, known, n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return [
+            f"config.dataset={name!r} is not a TFDS dataset nor 'image_folder'.{hint} The "
+            "embedded default is 'sklearn_digits'."
+        ]
+    return []
+
+
 def prepare_dataset(name, data_dir=None, manual_dir=None, *, num_shards=None):
     """Builds TFDS dataset `name` into `data_dir` if it is not there yet; returns its builder.
 
@@ -66,6 +91,9 @@ def prepare_dataset(name, data_dir=None, manual_dir=None, *, num_shards=None):
     be local or gs://.
     """
     data_dir = os.fspath(storage.path(data_dir, "config.data_dir")) if data_dir else None
+    unknown = dataset_name_errors(name)
+    if unknown:
+        raise UsageError(unknown[0])
     builder = tfds.builder(name, data_dir=data_dir, file_format="tfrecord")
     if builder.is_prepared():
         return builder
@@ -294,6 +322,12 @@ def get_dataset_info(config) -> DatasetInfo:
     builder = _tfds_builder(config)
     _, label_key = _tfds_keys(builder)
     label = builder.info.features[label_key]
+    for field, split in (("train_split", train_split), ("eval_split", eval_split)):
+        if split not in builder.info.splits:
+            raise UsageError(
+                f"config.{field}={split!r} is not a split of dataset {config.dataset!r}; its "
+                f"splits: {sorted(builder.info.splits.keys())}."
+            )
     return DatasetInfo(
         num_classes=label.num_classes,
         num_train_examples=builder.info.splits[train_split].num_examples,

@@ -22,7 +22,7 @@ from absl import logging
 
 from xception_jax.data import shards
 from xception_jax.model import registry
-from xception_jax.platform import sharding, storage
+from xception_jax.platform import errors, sharding, storage
 from xception_jax.training import (
     checkpoints,
     config_checks,
@@ -363,7 +363,7 @@ def evaluate(p_eval_step, params, batch_stats, config, mesh) -> dict:
     return {k: float(v) / count for k, v in totals.items()}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.InputError, FloatingPointError):
     """Training produced a non-finite loss or gradient (and skip_nonfinite_updates is off)."""
 
 

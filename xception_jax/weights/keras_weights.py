@@ -33,6 +33,7 @@ import numpy as np
 
 from xception_jax.model.xception import Xception
 from xception_jax.platform import storage
+from xception_jax.platform.errors import FileFormatError
 
 _BN_ORDER = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -60,7 +61,7 @@ def _kind_from_shapes(arrays: list[np.ndarray], where: str) -> str:
         return "bn"
     if len(arrays) == 2 and len(shapes[0]) == 2 and len(shapes[1]) == 1:
         return "dense"
-    raise ValueError(
+    raise FileFormatError(
         f"{where}: weights with shapes {shapes} are no layer of Xception (expected a bias-free "
         "conv, a separable conv, a 4-variable BatchNorm or the dense classifier)."
     )
@@ -112,7 +113,7 @@ def read_layers(path: str) -> list[_Layer]:
     try:
         f = h5py.File(storage.for_library(path), "r")
     except OSError as e:
-        raise ValueError(
+        raise FileFormatError(
             f"Cannot open {path!r} as HDF5 ({e}); is it a Keras .h5 weight file?"
         ) from e
     with f:
@@ -121,7 +122,7 @@ def read_layers(path: str) -> list[_Layer]:
             return _read_legacy(root)
         if "layers" in root:
             return _read_keras3(root)
-    raise ValueError(
+    raise FileFormatError(
         f"{path!r} is neither a legacy Keras weight file (no 'layer_names' attribute) nor a "
         "Keras 3 .weights.h5 (no 'layers' group)."
     )
@@ -181,7 +182,7 @@ def _assign(layers: list[_Layer], slots: list[tuple[str, str]], target: dict) ->
     for layer in layers:
         if layer.name in slot_kind:
             if slot_kind[layer.name] != layer.kind:
-                raise ValueError(
+                raise FileFormatError(
                     f"Layer {layer.name!r} in the file is a {layer.kind}, Xception has a "
                     f"{slot_kind[layer.name]} there."
                 )
@@ -192,7 +193,7 @@ def _assign(layers: list[_Layer], slots: list[tuple[str, str]], target: dict) ->
         open_slots = [n for k, n in slots if k == kind and n not in assigned]
         got = rest.get(kind, [])
         if len(got) != len(open_slots):
-            raise ValueError(
+            raise FileFormatError(
                 f"The file has {len(got)} unmatched {kind} layers but the model has "
                 f"{len(open_slots)} to fill (first: {open_slots[:6]})."
             )
@@ -201,7 +202,7 @@ def _assign(layers: list[_Layer], slots: list[tuple[str, str]], target: dict) ->
         want = _shapes(target["params"][name])
         have = _shapes(_to_flax(layer.kind, layer.arrays)[0])
         if want != have:
-            raise ValueError(
+            raise FileFormatError(
                 f"Shape mismatch for {name!r} ({layer.kind}, file layer {layer.name!r}): "
                 f"file {have}, model {want}."
             )
@@ -217,12 +218,12 @@ def infer_config(layers: list[_Layer]) -> dict[str, Any]:
     n_sep = sum(layer.kind == "sep" for layer in layers)
     dense = [layer for layer in layers if layer.kind == "dense"]
     if n_sep < 10 or (n_sep - 10) % 3:
-        raise ValueError(
+        raise FileFormatError(
             f"The file has {n_sep} separable convs; an Xception has 10 + 3 * middle_blocks "
             "(34 for Keras's model). Is this an Xception weight file?"
         )
     if len(dense) > 1:
-        raise ValueError(f"The file has {len(dense)} dense layers; Xception has at most one.")
+        raise FileFormatError(f"The file has {len(dense)} dense layers; Xception has at most one.")
     cfg = {"middle_blocks": (n_sep - 10) // 3, "include_top": bool(dense)}
     if dense:
         cfg["num_classes"] = int(dense[0].arrays[0].shape[1])
@@ -243,7 +244,7 @@ def load(path: str, *, include_top: bool | None = None) -> dict[str, Any]:
         layers = [layer for layer in layers if layer.kind != "dense"]
         cfg = {"middle_blocks": cfg["middle_blocks"], "include_top": False}
     elif include_top and not cfg["include_top"]:
-        raise ValueError(f"{path!r} has no classifier (a _notop file); use include_top=False.")
+        raise FileFormatError(f"{path!r} has no classifier (a _notop file); use include_top=False.")
     model = Xception(**cfg)
     target = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 71, 71, 3), jnp.float32))
@@ -258,7 +259,7 @@ def load(path: str, *, include_top: bool | None = None) -> dict[str, Any]:
         except ValueError as e:
             errors.append(e)
     else:
-        raise ValueError(f"{path!r} does not fit Xception{cfg}: {errors[0]}")
+        raise FileFormatError(f"{path!r} does not fit Xception{cfg}: {errors[0]}")
 
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
@@ -271,7 +272,7 @@ def load(path: str, *, include_top: bool | None = None) -> dict[str, Any]:
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables)
     # Final guard: the exact tree structure and shapes the model expects.
     if _shapes(variables) != _shapes(dict(target)):
-        raise ValueError(
+        raise RuntimeError(
             f"Internal mapping error: variables of {path!r} do not match Xception{cfg}."
         )
     return variables
