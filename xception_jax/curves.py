@@ -25,7 +25,6 @@ import sys
 
 import numpy as np
 from absl import flags
-from flax import traverse_util
 
 from xception_jax import cli
 from xception_jax.platform import errors, storage
@@ -85,6 +84,8 @@ def load_run(workdir: str) -> Run:
     path = storage.join(workdir, METRICS_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{workdir} has no {METRICS_FILE}: is it a training workdir?")
+    from flax import traverse_util  # JAX: loaded only here, so that input errors come fast.
+
     records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     config = {}
     config_path = storage.join(workdir, CONFIG_FILE)

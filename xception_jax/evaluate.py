@@ -120,11 +120,11 @@ def run(
     config, workdir=None, keras_weights=None, timm_weights=None, step=None, ema=False, split=None
 ):
     """Evaluates what the arguments name; the result dict (the JSON line's content)."""
-    from xception_jax.data import sources
-
     model, variables, config, what = load_source(
         config, workdir, keras_weights, timm_weights, step, ema
     )
+    from xception_jax.data import sources  # TensorFlow: after the checks of the weights
+
     if split:
         config.eval_split = split
     info = sources.get_dataset_info(config)

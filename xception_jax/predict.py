@@ -22,13 +22,10 @@ import re
 import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from xception_jax import cli
-from xception_jax.model import xception
 from xception_jax.platform import errors, storage
 
 KERAS_IMAGE_SIZE = 299
@@ -134,10 +131,21 @@ def load_images(images_or_paths: Sequence, image_size: int) -> np.ndarray:
     return np.stack(out)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _probabilities(model, variables, images):
-    logits = model.apply(variables, xception.preprocess(images, model.dtype), train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+@functools.cache
+def _probabilities():
+    """The jitted softmax of the model's logits (built on first use: JAX loads only then, so
+    that flag and input errors come back fast)."""
+    import jax
+    import jax.numpy as jnp
+
+    from xception_jax.model import xception
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def probabilities(model, variables, images):
+        logits = model.apply(variables, xception.preprocess(images, model.dtype), train=False)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return probabilities
 
 
 def predict(
@@ -159,7 +167,7 @@ def predict(
       top_k: how many labels per image (at most the number of classes).
     """
     images = load_images(images_or_paths, image_size)
-    probs = np.asarray(_probabilities(model, variables, jnp.asarray(images)))
+    probs = np.asarray(_probabilities()(model, variables, images))
     k = min(top_k, probs.shape[-1])
     if class_names is not None and len(class_names) != probs.shape[-1]:
         raise ValueError(

@@ -22,6 +22,7 @@ import time
 from absl import flags
 
 from xception_jax import cli
+from xception_jax.platform import errors, storage
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dataset", "imagenet2012", "TFDS name, e.g. imagenet2012.", flag_values=FLAGS)
@@ -38,7 +39,16 @@ flags.DEFINE_string(
 
 def _run(args: list[str]):
     """Prepares the dataset the flags name and prints its splits; returns the TFDS builder."""
-    from xception_jax.data import sources  # imports TensorFlow: after --help
+    # The flags first, without TensorFlow (seconds): the dataset name and the paths.
+    from xception_jax.data import names
+
+    storage.check_all_supported(
+        [("--data_dir", FLAGS.data_dir), ("--manual_dir", FLAGS.manual_dir)]
+    )
+    unknown = names.dataset_name_errors(FLAGS.dataset)
+    if unknown:
+        raise errors.UsageError(unknown[0].replace("config.dataset=", "--dataset="))
+    from xception_jax.data import sources  # imports TensorFlow
 
     start = time.time()
     # e.g. ImageNet's tars missing: FileNotFoundError, its message says what to do.

@@ -25,7 +25,6 @@ import sys
 import time
 
 from absl import flags
-from flax import traverse_util
 from ml_collections import config_flags
 
 from xception_jax import cli
@@ -123,6 +122,8 @@ def resolved_config(config, fields: dict):
 
 def status(config, workdir: str) -> str:
     """'new', 'partial' or 'done' for a run's workdir; raises if it holds another config."""
+    from flax import traverse_util  # JAX: loaded only here, so that flag errors come back fast.
+
     config_file = storage.join(workdir, "config.json")
     if not storage.exists(config_file):
         return "new"

@@ -12,7 +12,6 @@ folder. Records stay encoded here (cheap to skip); `data/pipeline.py` decodes th
 """
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import xception_jax.data.sklearn_digits  # noqa: F401  (registers 'sklearn_digits' with TFDS)
+from xception_jax.data.names import IMAGE_FOLDER, dataset_name_errors
 from xception_jax.platform import storage
 from xception_jax.platform.errors import UsageError
 
@@ -30,7 +30,6 @@ try:
 except (RuntimeError, ValueError):  # devices already initialised by someone else
     pass
 
-IMAGE_FOLDER = "image_folder"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -57,29 +56,6 @@ def config_field(config, name, default=None):
 def split_names(config):
     """(train_split, eval_split) from the config, defaults 'train' and 'validation'/'test'."""
     return config_field(config, "train_split", "train"), config_field(config, "eval_split", "")
-
-
-def dataset_name_errors(name: str) -> list[str]:
-    """A message when `name` is neither 'image_folder' nor a registered TFDS dataset."""
-    name = str(name)
-    if name == IMAGE_FOLDER:
-        return []
-    base = name.split("/")[0]
-    if ":" in base:
-        base, _, version = base.partition(":")
-        if not version[:1].isdigit():
-            return []  # A community dataset ("namespace:name"): TFDS resolves it.
-    try:
-        tfds.builder_cls(base)
-    except tfds.core.registered.DatasetNotFoundError:
-        known = [IMAGE_FOLDER, *tfds.list_builders(with_community_datasets=False)]
-        close = difflib.get_close_matches(base, known, n=3)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return [
-            f"config.dataset={name!r} is not a TFDS dataset nor 'image_folder'.{hint} The "
-            "embedded default is 'sklearn_digits'."
-        ]
-    return []
 
 
 def prepare_dataset(name, data_dir=None, manual_dir=None, *, num_shards=None):

@@ -77,9 +77,9 @@ def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
 
 def dataset_errors(config: ml_collections.ConfigDict) -> list[str]:
     """A message when config.dataset is neither 'image_folder' nor a registered TFDS dataset."""
-    from xception_jax.data import sources  # imports TensorFlow
+    from xception_jax.data import names  # TFDS's registry, without TensorFlow
 
-    return sources.dataset_name_errors(config.dataset)
+    return names.dataset_name_errors(config.dataset)
 
 
 def check_num_classes(config: ml_collections.ConfigDict, info) -> None:
@@ -136,6 +136,13 @@ def validate(
     if not 0 <= config.ema_decay < 1:
         errors.append(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 turns EMA off).")
     errors += pretrained_errors(config)
+    folder = config.get("image_folder")
+    if config.dataset == "image_folder" and not (folder and storage.isdir(folder)):
+        errors.append(
+            f"config.dataset='image_folder' needs config.image_folder to name a directory laid "
+            f"out as <root>/<split>/<class name>/<image>; got {folder!r}, which "
+            + ("is not set." if not folder else "is not a directory.")
+        )
     errors += dataset_errors(config)
     if info is not None and info.num_classes < 2:
         errors.append(f"Dataset {config.dataset!r} has {info.num_classes} classes; need >= 2.")

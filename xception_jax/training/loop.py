@@ -104,10 +104,11 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run
 
     Config errors come first (nothing read, written or compiled yet), then the dataset.
     """
-    from xception_jax.data import sources  # TensorFlow: imported where data is read
-
     chrono = telemetry.Chrono(len(devices or jax.devices()))
     config_checks.validate(config, None, workdir, num_devices=len(devices or jax.devices()))
+    from xception_jax.data import sources  # TensorFlow: imported where data is read (after the
+    # config checks, so that a config error comes back without it)
+
     workdir = os.fspath(storage.path(workdir))
     enable_compilation_cache(config)
     info = sources.get_dataset_info(config)
