@@ -250,23 +250,7 @@ def tree_digest(root: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained_workdir(digits_data_dir, tmp_path_factory):
-    """A workdir of the tiny main job (checkpoints, metrics, config.json, events).
-
-    The same config and devices as test_evaluate's run: in one session, the compilation cache
-    serves both."""
-    import jax
-    from test_train import small_config
-
-    from xception_jax.training import loop
-
-    workdir = str(tmp_path_factory.mktemp("bad_input_run"))
-    loop.train_and_evaluate(small_config(digits_data_dir), workdir, devices=jax.devices()[:1])
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def paths(trained_workdir, digits_data_dir, tmp_path_factory):
+def paths(tiny_run, digits_data_dir, tmp_path_factory):
     """What the cases' {names} stand for: the bad inputs, written once."""
     inputs = tmp_path_factory.mktemp("bad_inputs")
     (inputs / "broken.py").write_text("def get_config(:\n")
@@ -289,11 +273,11 @@ def paths(trained_workdir, digits_data_dir, tmp_path_factory):
     save_file({"classifier.weight": np.zeros((3, 4), np.float32)}, inputs / "other.safetensors")
     # A sweep whose first run folder holds another run (the trained one).
     sweep_dir = tmp_path_factory.mktemp("bad_input_sweep")
-    shutil.copytree(trained_workdir, sweep_dir / "residual" / "seed0")
+    shutil.copytree(tiny_run, sweep_dir / "residual" / "seed0")
     return {
         "config": CONFIG,
         "digits": digits_data_dir,
-        "workdir": trained_workdir,
+        "workdir": tiny_run,  # A trained workdir (conftest), checked unchanged by each case.
         "inputs": str(inputs),
         "sweep_dir": str(sweep_dir),
         "small": " ".join(procs.small_overrides(digits_data_dir)),

@@ -59,6 +59,10 @@ flags.DEFINE_integer("seeds", 1, "Runs per variant, with config.seed + 0, 1, ...
 flags.DEFINE_bool("dry_run", False, "Print the commands and stop.")
 
 
+class SweepDirError(errors.InputError, ValueError):
+    """A run folder of the sweep that holds a run of another config (exit 1, nothing touched)."""
+
+
 def _format_value(value) -> str:
     """A config value as ml_collections' command-line override syntax expects it."""
     if isinstance(value, str):
@@ -132,7 +136,7 @@ def status(config, workdir: str) -> str:
     # Fields only one side has come from another code version (a field added since): ignored.
     differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
     if differ:
-        raise errors.InputError(
+        raise SweepDirError(
             f"{workdir} holds a run of another config (fields {differ} differ: "
             f"{[(k, have.get(k), want.get(k)) for k in differ[:4]]}); use another --sweep_dir "
             "or delete that workdir."
@@ -236,8 +240,7 @@ def _run(args: list[str]) -> None:
     )
     failed = [k for k, v in results.items() if v.startswith("failed")]
     if failed:
-        print(f"# {len(failed)} run(s) failed: {failed}; see their train.log.", file=sys.stderr)
-        sys.exit(1)
+        raise errors.InputError(f"{len(failed)} run(s) failed: {failed}; see their train.log.")
 
 
 def main(argv=None) -> None:
