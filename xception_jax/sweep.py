@@ -84,7 +84,9 @@ def config_overrides(argv: list[str]) -> list[str]:
 def plan(sweep: str, sweep_dir: str, seeds: int, base_seed: int) -> list[dict]:
     """The runs of a sweep: [{'name', 'workdir', 'fields' (dotted -> value incl. seed)}]."""
     if sweep not in SWEEPS:
-        raise errors.UsageError(f"Unknown sweep --sweep={sweep!r}; named sweeps: {sorted(SWEEPS)}.")
+        raise errors.UsageError(
+            f"Unknown sweep {sweep!r} (--sweep); named sweeps: {sorted(SWEEPS)}."
+        )
     if seeds < 1:
         raise errors.UsageError(f"--seeds={seeds} must be >= 1.")
     runs = []
