@@ -101,7 +101,8 @@ CASES = [
          ("'xceptoin'", "Did you mean 'xception'")),
     Case("train.py", "every validated field out of range",
          (*TRAIN, *(f"--config.{k}={v}" for k, v in OUT_OF_RANGE.items())), 2,
-         OUT_OF_RANGE_CULPRITS, lines=1 + len(OUT_OF_RANGE) - 1),
+         OUT_OF_RANGE_CULPRITS, lines=len(OUT_OF_RANGE)),  # A header, a line per error
+         # (num_train_steps and num_epochs share one).
     Case("train.py", "negative batch size", (*TRAIN, "--config.batch_size=-3"), 2,
          ("config.batch_size=-3", "use e.g. 16")),
     Case("train.py", "unsupported URL scheme", ("--config={config}", "--workdir=s3://b/run"), 2,
