@@ -9,11 +9,11 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from xception_jax.cli import parse_flags
+from xception_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -41,9 +41,8 @@ def _quiet_orbax(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(args: list[str]) -> None:
+    """Trains as the flags say (`args`: the positional arguments, none)."""
     absl_logging.get_absl_handler().addFilter(_quiet_orbax)
     from xception_jax.platform import hugepages
 
@@ -55,32 +54,21 @@ def main(argv):
     )
     # Imported here so that --help and flag errors come back without loading JAX/TF.
     from xception_jax.platform import sharding
-    from xception_jax.training import checkpoints, config_checks, loop
+    from xception_jax.training import loop
 
-    # Errors a user can fix (config, checkpoint, cluster setup, diverged training) end the run
-    # with their message, no traceback; anything else keeps its traceback.
-    user_errors = (
-        config_checks.ConfigError,
-        checkpoints.CheckpointError,
-        sharding.DistributedSetupError,
-        loop.NonFiniteLossError,
+    # A lone process gets no jax.distributed (no coordinator port to open): preemption then
+    # uses preemption.StopSignal's Python SIGTERM handler. Any multi-process job (flags, JAX_*
+    # variables or a detected cluster) uses JAX's preemption sync point. Errors a user can fix
+    # (config, checkpoint, cluster setup, diverged training) end in cli.report_errors.
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        initialization_timeout=FLAGS.initialization_timeout,
+        heartbeat_timeout=FLAGS.heartbeat_timeout,
+        shutdown_timeout=FLAGS.shutdown_timeout,
     )
-    try:
-        # A lone process gets no jax.distributed (no coordinator port to open): preemption
-        # then uses preemption.StopSignal's Python SIGTERM handler. Any multi-process job
-        # (flags, JAX_* variables or a detected cluster) uses JAX's preemption sync point.
-        sharding.initialize_distributed(
-            FLAGS.coordinator_address,
-            FLAGS.num_processes,
-            FLAGS.process_id,
-            initialization_timeout=FLAGS.initialization_timeout,
-            heartbeat_timeout=FLAGS.heartbeat_timeout,
-            shutdown_timeout=FLAGS.shutdown_timeout,
-        )
-        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except user_errors as e:
-        absl_logging.error("%s: %s", type(e).__name__, e)
-        sys.exit(1)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     exit_without_teardown()
 
 
@@ -108,4 +96,4 @@ if __name__ == "__main__":
     from xception_jax.platform import hugepages
 
     hugepages.reexec_with_hugepages()  # faster CPU steps; XCEPTION_JAX_HUGEPAGES=0 opts out
-    app.run(main, flags_parser=parse_flags)
+    cli.run_tool(main, FLAGS, __doc__, program="train.py")

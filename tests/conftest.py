@@ -75,6 +75,20 @@ def digits_data_dir(tmp_path_factory):
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_run(digits_data_dir, tmp_path_factory):
+    """A workdir of the main job's model trained 4 steps (one eval at the end), on one device
+    (test_train.small_config). Shared: tests only read it (test_bad_input checks that)."""
+    import jax
+    from test_train import small_config
+
+    from xception_jax.training import loop
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    loop.train_and_evaluate(small_config(digits_data_dir), workdir, devices=jax.devices()[:1])
+    return workdir
+
+
 @pytest.fixture
 def data_config():
     """Factory: data_config(**overrides) -> ConfigDict of the fields input_pipeline reads."""

@@ -23,23 +23,23 @@ def test_help_exits_0_with_a_usage_example(tool):
 
 
 @pytest.mark.parametrize("tool", [t for t in TOOLS if t != "sweep"])
-def test_a_wrong_flag_exits_1_with_absls_message(tool, capsys):
+def test_a_wrong_flag_exits_2_with_absls_message(tool, capsys):
     # In-process (as tests/test_gcs.py calls them): main(argv) without the program name.
     module = importlib.import_module(f"xception_jax.{tool}")
     with pytest.raises(SystemExit) as exit_:
         module.main(["--no_such_flag=1"])
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # A usage error (xception_jax.cli.report_errors).
     assert "Unknown command line flag 'no_such_flag'" in capsys.readouterr().err
 
 
-def test_a_wrong_flag_exits_non_zero_from_the_command_line():
+def test_a_wrong_flag_exits_2_from_the_command_line():
     done = subprocess.run(
         [sys.executable, "-m", "xception_jax.sweep", "--sweep_dri=x"],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "Unknown command line flag 'sweep_dri'. Did you mean: sweep_dir ?" in done.stderr
 
 

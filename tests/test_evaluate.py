@@ -3,23 +3,13 @@
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from conftest import solid_jpeg, write_random_keras_h5
-from test_train import read_metrics, small_config
+from test_train import read_metrics
 
 from xception_jax import evaluate, predict
-from xception_jax.training import loop
 from xception_jax.weights import keras_weights
-
-
-@pytest.fixture(scope="module")
-def tiny_run(digits_data_dir, tmp_path_factory):
-    """A workdir of the main job's model trained 4 steps (one eval at the end)."""
-    workdir = str(tmp_path_factory.mktemp("eval_run"))
-    loop.train_and_evaluate(small_config(digits_data_dir), workdir, devices=jax.devices()[:1])
-    return workdir
 
 
 def test_workdir_equals_its_last_eval(tiny_run, tmp_path, capsys):
@@ -88,7 +78,7 @@ def test_keras_file_equals_apply_by_hand(tmp_path):
 def test_bad_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         evaluate.main(argv)
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # Usage errors.
     assert message in capsys.readouterr().err
 
 

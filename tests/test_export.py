@@ -72,7 +72,7 @@ def test_artifact_in_a_fresh_process_gives_the_logits(tmp_path):
 def test_bad_flags_are_named(capsys):
     with pytest.raises(SystemExit) as exit_:
         export.main(["--out", "x.jaxexport"])
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # A usage error.
     assert "Give exactly one of --workdir, --keras_weights and --timm_weights" in (
         capsys.readouterr().err
     )

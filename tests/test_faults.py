@@ -382,7 +382,7 @@ def test_bad_input_is_a_clear_error_and_the_workdir_is_untouched(
 def test_misspelled_config_flag_fails_on_the_command_line(override, text, pool, tmp_path):
     workdir = tmp_path / "run"
     proc = pool.start(["--config=configs/default.py", f"--workdir={workdir}", override], "typo")
-    assert proc.wait(60) == 1
+    assert proc.wait(60) == 2  # A usage error.
     log = proc.log()
     assert "FATAL Flags parsing error: a --config override names a field that does not exist" in log
     assert text in log and "Traceback" not in log, log

@@ -520,7 +520,7 @@ def test_s3_is_a_clear_error_before_anything_is_written(
         text=True,
         timeout=TIMEOUT,
     )
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]  # A usage error.
     assert "--workdir='s3://my-bucket/runs/x': s3:// is not supported" in proc.stderr
     assert "orbax 0.12.8 cannot checkpoint to s3://" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -531,7 +531,7 @@ def test_s3_is_a_clear_error_before_anything_is_written(
         ["xception_jax.prepare_data", "--dataset", "sklearn_digits", "--data_dir", "s3://b/tfds"],
         cwd=cwd,
     )
-    assert done.returncode == 1 and "config.data_dir='s3://b/tfds'" in done.stderr
+    assert done.returncode == 2 and "--data_dir='s3://b/tfds'" in done.stderr
     monkeypatch.chdir(cwd)
     for main, argv, what in (
         (curves.main, ["runs/x", "--out", "s3://b/c.png"], "--out"),

@@ -24,10 +24,11 @@ import re
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from xception_jax import cli
+from xception_jax.platform import errors
 
 # The tool's own flags (cli.parse_tool_flags): importing aot beside another tool (sweep's
 # --config) in one process must not clash.
@@ -68,7 +69,7 @@ _TRAIN_EXAMPLES = 1_281_167  # ImageNet's train split.
 GIB = 2**30
 
 
-class AotError(RuntimeError):
+class AotError(errors.UsageError):
     """A request that cannot be compiled as given (topology name, libtpu); the fix named."""
 
 
@@ -433,7 +434,7 @@ def run(config, topology_names: list[str], *, find_max: bool, with_eval: bool, n
         topology = parse_topology(name)
         errors = config_checks.batch_errors(config, topology.chips, topology.hosts)
         if errors and not find_max:
-            raise config_checks.ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+            raise config_checks.ConfigError.of(errors)
         compiler = SliceCompiler(config, topology, num_classes)
         if find_max:
             best, tried = find_max_batch(compiler, config.batch_size)
@@ -449,31 +450,23 @@ def run(config, topology_names: list[str], *, find_max: bool, with_eval: bool, n
 
 
 def _run(args: list[str]) -> None:
-    if args:
-        raise app.UsageError(f"Unexpected arguments: {args}")
-    from xception_jax.training import config_checks
-
     failed = False
-    try:
-        for report, topology in run(
-            FLAGS.config,
-            FLAGS.topology,
-            find_max=FLAGS.find_max_batch,
-            with_eval=FLAGS.eval,
-            num_classes=FLAGS.num_classes,
-        ):
-            if FLAGS.json:
-                print(json.dumps(report), flush=True)
-            else:
-                print(format_report(report), flush=True)
-                if "probes" in report and report["fits"]:
-                    print(f"  the largest global batch that fits {topology.name}", flush=True)
-            if not report["fits"]:
-                failed = True
-                sys.stderr.write(not_fit_message(report, topology) + "\n")
-    except (AotError, config_checks.ConfigError) as e:
-        sys.stderr.write(f"{type(e).__name__}: {e}\n")
-        sys.exit(2)
+    for report, topology in run(
+        FLAGS.config,
+        FLAGS.topology,
+        find_max=FLAGS.find_max_batch,
+        with_eval=FLAGS.eval,
+        num_classes=FLAGS.num_classes,
+    ):
+        if FLAGS.json:
+            print(json.dumps(report), flush=True)
+        else:
+            print(format_report(report), flush=True)
+            if "probes" in report and report["fits"]:
+                print(f"  the largest global batch that fits {topology.name}", flush=True)
+        if not report["fits"]:
+            failed = True
+            sys.stderr.write(not_fit_message(report, topology) + "\n")
     if failed:
         sys.exit(1)
 

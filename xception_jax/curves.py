@@ -25,10 +25,9 @@ import sys
 
 import numpy as np
 from absl import flags
-from flax import traverse_util
 
 from xception_jax import cli
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -85,6 +84,8 @@ def load_run(workdir: str) -> Run:
     path = storage.join(workdir, METRICS_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{workdir} has no {METRICS_FILE}: is it a training workdir?")
+    from flax import traverse_util  # JAX: loaded only here, so that input errors come fast.
+
     records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     config = {}
     config_path = storage.join(workdir, CONFIG_FILE)
@@ -276,20 +277,19 @@ def _run(workdirs: list[str]) -> None:
 
     matplotlib.use("Agg")
     named = [("--out", FLAGS.out), ("--table", FLAGS.table)] + [("workdir", w) for w in workdirs]
-    errors = storage.unsupported(named)  # Before reading anything.
-    errors += [
-        f"--x: unknown axis {x!r}; choose from {sorted(X_AXES)}."
-        for x in FLAGS.x
-        if x not in X_AXES
-    ]
-    if errors:
-        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
-        sys.exit(1)
+    storage.check_all_supported(named)  # Before reading anything.
+    storage.check_writable([("--out", FLAGS.out), ("--table", FLAGS.table)])
+    unknown = [x for x in FLAGS.x if x not in X_AXES]
+    if unknown:
+        raise errors.UsageError(f"--x: unknown axes {unknown}; choose from {sorted(X_AXES)}.")
     expanded = []
     for pattern in workdirs:
         matches = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
         if not matches:
-            raise FileNotFoundError(f"No workdir matches {pattern!r}.")
+            raise FileNotFoundError(
+                f"No workdir matches {pattern!r}: check the pattern (quote it, so that curves "
+                "expands it, also on gs://)."
+            )
         expanded += matches
     groups = group_runs([load_run(w) for w in expanded])
     fig = plot(groups, log_loss=FLAGS.log_loss, title=FLAGS.title, x_axes=tuple(FLAGS.x))

@@ -28,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from xception_jax import cli
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file(
@@ -42,8 +42,8 @@ flags.DEFINE_string("split", None, "The split (default: config.eval_split).", fl
 flags.DEFINE_string("out", None, "Also append the JSON line to this file.", flag_values=FLAGS)
 
 
-class EvaluateError(ValueError):
-    """Flags or files that cannot be evaluated; the message says why and what to do."""
+class EvaluateError(errors.UsageError):
+    """Flags that cannot be evaluated together; the message says why and what to do."""
 
 
 def load_source(config, workdir=None, keras_weights=None, timm_weights=None, step=None, ema=False):
@@ -109,7 +109,7 @@ def evaluate(model, variables, config, mesh=None) -> dict:
 
 def _check_classes(model, config, info, what) -> None:
     if getattr(model, "include_top", True) and model.num_classes != info.num_classes:
-        raise EvaluateError(
+        raise errors.InputError(
             f"The model has {model.num_classes} classes, dataset {config.dataset!r} has "
             f"{info.num_classes}: {what} cannot be scored on it (fine-tune it first: "
             "configs/finetune.py)."
@@ -120,11 +120,11 @@ def run(
     config, workdir=None, keras_weights=None, timm_weights=None, step=None, ema=False, split=None
 ):
     """Evaluates what the arguments name; the result dict (the JSON line's content)."""
-    from xception_jax.data import sources
-
     model, variables, config, what = load_source(
         config, workdir, keras_weights, timm_weights, step, ema
     )
+    from xception_jax.data import sources  # TensorFlow: after the checks of the weights
+
     if split:
         config.eval_split = split
     info = sources.get_dataset_info(config)
@@ -134,31 +134,20 @@ def run(
 
 
 def _run(args: list[str]) -> dict:
-    if args:
-        sys.stderr.write(f"FATAL Unexpected arguments: {args} (every option is a --flag).\n")
-        sys.exit(1)
     named = [
         (f"--{f}", FLAGS[f].value) for f in ("workdir", "keras_weights", "timm_weights", "out")
     ]
-    errors = storage.unsupported(named)
-    if errors:
-        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
-        sys.exit(1)
-    from xception_jax.training import checkpoints
-
-    try:
-        result = run(
-            FLAGS.config,
-            FLAGS.workdir,
-            FLAGS.keras_weights,
-            FLAGS.timm_weights,
-            FLAGS.step,
-            FLAGS.use_ema,
-            FLAGS.split,
-        )
-    except (EvaluateError, checkpoints.CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
-        sys.exit(1)
+    storage.check_all_supported(named)
+    storage.check_writable([("--out", FLAGS.out)])
+    result = run(
+        FLAGS.config,
+        FLAGS.workdir,
+        FLAGS.keras_weights,
+        FLAGS.timm_weights,
+        FLAGS.step,
+        FLAGS.use_ema,
+        FLAGS.split,
+    )
     line = json.dumps(result)
     import jax
 

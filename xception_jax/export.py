@@ -37,12 +37,11 @@ written. --ema exports the Polyak-averaged weights. Details: docs/weights_in_and
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import flags
 
 from xception_jax import cli
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 FLAGS = flags.FlagValues()
 cli.define_weight_source_flags(FLAGS, timm_variant_from="--model")
@@ -62,6 +61,7 @@ flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "Target platforms.", flag
 flags.DEFINE_string("out", None, "The artifact to write, local or gs://.", flag_values=FLAGS)
 flags.mark_flag_as_required("out", flag_values=FLAGS)
 
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 # XLA's own ops: the per-platform 'auto' choice (xception_jax.model.ops) would bake the exporting
 # host's implementations into an artifact meant for every platform. Equal in value.
 PORTABLE_IMPLS = {"depthwise_impl": "lax", "conv_impl": "lax", "pool_impl": "lax"}
@@ -88,7 +88,7 @@ def export_inference(model, variables, image_size: int, platforms=("cpu", "cuda"
 def write_weights(fmt: str, out: str, model, variables, image_size: int) -> str:
     """Writes `variables` of `model` as a Keras ('keras') or timm ('timm') file `out`.
 
-    Refuses (ValueError naming the switches) a model the format cannot express, before any
+    Refuses (errors.RefusedError naming the switches) a model the format cannot express, before any
     byte is written. Returns what was written, in words.
     """
     if fmt == "timm":
@@ -106,31 +106,27 @@ def write_weights(fmt: str, out: str, model, variables, image_size: int) -> str:
 
 
 def _run(args: list[str]) -> None:
-    if args:
-        sys.stderr.write(f"FATAL Unexpected arguments: {args} (every option is a --flag).\n")
-        sys.exit(1)
     paths = ("workdir", "keras_weights", "timm_weights", "out")
-    errors = storage.unsupported([(f"--{f}", FLAGS[f].value) for f in paths])
-    if errors:
-        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
-        sys.exit(1)
+    storage.check_all_supported([(f"--{f}", FLAGS[f].value) for f in paths])
+    sidecar = [("--out", FLAGS.out + ".json")] if FLAGS.format == "jax" else []
+    storage.check_writable([("--out", FLAGS.out), *sidecar])
+    unknown = sorted(set(FLAGS.platforms) - set(PLATFORMS))
+    if unknown:
+        raise errors.UsageError(
+            f"--platforms: unknown platform(s) {unknown}; choose from {list(PLATFORMS)}."
+        )
     suffixes = {"keras": (".keras", ".weights.h5"), "timm": (".safetensors",)}
     if FLAGS.format in suffixes and not FLAGS.out.endswith(suffixes[FLAGS.format]):
-        sys.stderr.write(
-            f"FATAL --format {FLAGS.format} writes {' or '.join(suffixes[FLAGS.format])} files; "
-            f"--out={FLAGS.out!r} is neither.\n"
+        raise errors.UsageError(
+            f"--format {FLAGS.format} writes {' or '.join(suffixes[FLAGS.format])} files; "
+            f"--out={FLAGS.out!r} is neither."
         )
-        sys.exit(1)
     from xception_jax import predict
 
     model, variables, names, image_size = predict.load_from_flags(FLAGS)
     image_size = FLAGS.image_size or image_size
     if FLAGS.format != "jax":
-        try:
-            what = write_weights(FLAGS.format, FLAGS.out, model, variables, image_size)
-        except ValueError as e:
-            sys.stderr.write(f"FATAL {e}\n")
-            sys.exit(1)
+        what = write_weights(FLAGS.format, FLAGS.out, model, variables, image_size)
         print(f"Wrote {FLAGS.out} ({what})")
         return
     exported = export_inference(model, variables, image_size, FLAGS.platforms)

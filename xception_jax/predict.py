@@ -18,17 +18,15 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import re
 import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from xception_jax import cli
-from xception_jax.model import xception
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 KERAS_IMAGE_SIZE = 299
 TIMM_IMAGE_SIZE = 299  # timm's default input size for all four Xception variants.
@@ -85,6 +83,29 @@ def _encoded(item) -> bytes:
     return tf.io.encode_png(array).numpy()  # Lossless: the pipeline's decoder reads it back.
 
 
+# The leading bytes of the formats TensorFlow's decode_image reads.
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def check_image_files(paths: Sequence[str]) -> None:
+    """Raises FileNotFoundError or errors.FileFormatError for a path that is not an image file
+    (by its first bytes, without TensorFlow; a damaged image fails later, in `load_images`)."""
+    for image in paths:
+        if not storage.exists(image) or storage.isdir(image):
+            raise FileNotFoundError(f"No image file {image!r}: check the path.")
+        if not storage.read_bytes(image).startswith(_IMAGE_SIGNATURES):
+            raise errors.FileFormatError(
+                f"{image!r} is not an image file: give JPEG, PNG, BMP or GIF images."
+            )
+
+
+def _decode_problem(message: str) -> str:
+    """TensorFlow's decode error without its op text ('{{function_node ...}}', '[Op:...]')."""
+    text = message.splitlines()[0] if message else ""
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", text).strip().rstrip(".")
+    return text or "not an image"
+
+
 def load_images(images_or_paths: Sequence, image_size: int) -> np.ndarray:
     """uint8 [N, image_size, image_size, 3]: each input through `preprocess_eval`.
 
@@ -101,18 +122,30 @@ def load_images(images_or_paths: Sequence, image_size: int) -> np.ndarray:
                 tf.constant(_encoded(item)), image_size=image_size
             )
         except tf.errors.InvalidArgumentError as e:
-            name = item if isinstance(item, (str, os.PathLike)) else "an image"
-            raise ValueError(
-                f"Cannot decode {name}: {e.message.splitlines()[0]} (JPEG, PNG, BMP or GIF)."
+            name = repr(os.fspath(item)) if isinstance(item, (str, os.PathLike)) else "an image"
+            raise errors.FileFormatError(
+                f"Cannot decode {name}: {_decode_problem(e.message)}. Give a JPEG, PNG, BMP or "
+                "GIF image file."
             ) from e
         out.append(image.numpy())
     return np.stack(out)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _probabilities(model, variables, images):
-    logits = model.apply(variables, xception.preprocess(images, model.dtype), train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+@functools.cache
+def _probabilities():
+    """The jitted softmax of the model's logits (built on first use: JAX loads only then, so
+    that flag and input errors come back fast)."""
+    import jax
+    import jax.numpy as jnp
+
+    from xception_jax.model import xception
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def probabilities(model, variables, images):
+        logits = model.apply(variables, xception.preprocess(images, model.dtype), train=False)
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return probabilities
 
 
 def predict(
@@ -134,7 +167,7 @@ def predict(
       top_k: how many labels per image (at most the number of classes).
     """
     images = load_images(images_or_paths, image_size)
-    probs = np.asarray(_probabilities(model, variables, jnp.asarray(images)))
+    probs = np.asarray(_probabilities()(model, variables, images))
     k = min(top_k, probs.shape[-1])
     if class_names is not None and len(class_names) != probs.shape[-1]:
         raise ValueError(
@@ -185,7 +218,9 @@ def load_for_prediction(
     `model_name`: the timm variant of `timm_weights` (xception41/65/71, legacy_xception).
     """
     if sum(map(bool, (workdir, keras_weights, timm_weights))) != 1:
-        raise ValueError("Give exactly one of --workdir, --keras_weights and --timm_weights.")
+        raise errors.UsageError(
+            "Give exactly one of --workdir, --keras_weights and --timm_weights."
+        )
     if workdir:
         from xception_jax.training import checkpoints
 
@@ -195,7 +230,7 @@ def load_for_prediction(
         from xception_jax.weights import timm_weights as tw
 
         if not model_name:
-            raise ValueError(f"--timm_weights needs --model, one of {list(tw.VARIANTS)}.")
+            raise errors.UsageError(f"--timm_weights needs --model, one of {list(tw.VARIANTS)}.")
         model, variables = tw.load_model(timm_weights, model_name)
         source, size = timm_weights, TIMM_IMAGE_SIZE
     else:
@@ -204,7 +239,7 @@ def load_for_prediction(
         model, variables = kw.load_model(keras_weights)
         source, size = keras_weights, KERAS_IMAGE_SIZE
     if not model.include_top:
-        raise ValueError(
+        raise errors.FileFormatError(
             f"{source} has no classifier (a _notop / headless file): it cannot classify; use "
             "the file with top, or fine-tune it (configs/finetune.py)."
         )
@@ -214,19 +249,15 @@ def load_for_prediction(
 
 def load_from_flags(flag_values):
     """load_for_prediction of a tool's weight-source flags (cli.define_weight_source_flags,
-    --ema); a flag combination or weight file that cannot work ends with a FATAL line, exit 1."""
-    try:
-        return load_for_prediction(
-            flag_values.workdir,
-            flag_values.keras_weights,
-            flag_values.step,
-            flag_values.ema,
-            flag_values.timm_weights,
-            flag_values.model,
-        )
-    except ValueError as e:
-        sys.stderr.write(f"FATAL {e}\n")
-        sys.exit(1)
+    --ema, --model)."""
+    return load_for_prediction(
+        flag_values.workdir,
+        flag_values.keras_weights,
+        flag_values.step,
+        flag_values.ema,
+        flag_values.timm_weights,
+        flag_values.model,
+    )
 
 
 def _run(images: list[str]) -> None:
@@ -236,10 +267,8 @@ def _run(images: list[str]) -> None:
         ("--keras_weights", FLAGS.keras_weights),
         ("--timm_weights", FLAGS.timm_weights),
     ]
-    errors = storage.unsupported(named + [("image", image) for image in images])
-    if errors:
-        sys.stderr.write("FATAL " + "\n".join(errors) + "\n")
-        sys.exit(1)
+    storage.check_all_supported(named + [("image", image) for image in images])
+    check_image_files(images)  # Before the model loads (seconds).
     model, variables, names, image_size = load_from_flags(FLAGS)
     results = predict(images, model, variables, names, FLAGS.image_size or image_size, FLAGS.top_k)
     for path, top in zip(images, results, strict=True):

@@ -17,13 +17,12 @@ Both directories may be local or gs:// (a pod's hosts then read the one copy):
         --data_dir gs://my-bucket/tfds --manual_dir gs://my-bucket/ilsvrc2012
 """
 
-import sys
 import time
 
 from absl import flags
 
 from xception_jax import cli
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dataset", "imagenet2012", "TFDS name, e.g. imagenet2012.", flag_values=FLAGS)
@@ -40,17 +39,20 @@ flags.DEFINE_string(
 
 def _run(args: list[str]):
     """Prepares the dataset the flags name and prints its splits; returns the TFDS builder."""
-    if args:
-        sys.stderr.write(f"FATAL Unexpected arguments: {args} (every option is a --flag).\n")
-        sys.exit(1)
-    from xception_jax.data import sources  # imports TensorFlow: after --help
+    # The flags first, without TensorFlow (seconds): the dataset name and the paths.
+    from xception_jax.data import names
+
+    storage.check_all_supported(
+        [("--data_dir", FLAGS.data_dir), ("--manual_dir", FLAGS.manual_dir)]
+    )
+    unknown = names.dataset_name_errors(FLAGS.dataset)
+    if unknown:
+        raise errors.UsageError(unknown[0].replace("config.dataset=", "--dataset="))
+    from xception_jax.data import sources  # imports TensorFlow
 
     start = time.time()
-    try:
-        builder = sources.prepare_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
-    except (FileNotFoundError, storage.UnsupportedPathError) as err:
-        # e.g. ImageNet's tars missing: the message says what to do.
-        sys.exit(f"error: {err}")
+    # e.g. ImageNet's tars missing: FileNotFoundError, its message says what to do.
+    builder = sources.prepare_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.manual_dir)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
     print(f"{FLAGS.dataset} ready in {builder.data_dir} ({time.time() - start:.1f} s): {splits}")
     return builder

@@ -24,12 +24,11 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-from flax import traverse_util
+from absl import flags
 from ml_collections import config_flags
 
 from xception_jax import cli
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 # name -> list of (variant name, {dotted config field: value}).
 SWEEPS: dict[str, list[tuple[str, dict]]] = {
@@ -60,6 +59,10 @@ flags.DEFINE_integer("seeds", 1, "Runs per variant, with config.seed + 0, 1, ...
 flags.DEFINE_bool("dry_run", False, "Print the commands and stop.")
 
 
+class SweepDirError(errors.InputError, ValueError):
+    """A run folder of the sweep that holds a run of another config (exit 1, nothing touched)."""
+
+
 def _format_value(value) -> str:
     """A config value as ml_collections' command-line override syntax expects it."""
     if isinstance(value, str):
@@ -81,9 +84,11 @@ def config_overrides(argv: list[str]) -> list[str]:
 def plan(sweep: str, sweep_dir: str, seeds: int, base_seed: int) -> list[dict]:
     """The runs of a sweep: [{'name', 'workdir', 'fields' (dotted -> value incl. seed)}]."""
     if sweep not in SWEEPS:
-        raise ValueError(f"Unknown sweep {sweep!r}; named sweeps: {sorted(SWEEPS)}.")
+        raise errors.UsageError(
+            f"Unknown sweep {sweep!r} (--sweep); named sweeps: {sorted(SWEEPS)}."
+        )
     if seeds < 1:
-        raise ValueError(f"--seeds={seeds} must be >= 1.")
+        raise errors.UsageError(f"--seeds={seeds} must be >= 1.")
     runs = []
     for name, fields in SWEEPS[sweep]:
         for k in range(seeds):
@@ -116,13 +121,15 @@ def resolved_config(config, fields: dict):
         for p in parents:
             node = node[p]
         if leaf not in node:
-            raise ValueError(f"The config has no field {dotted!r} to sweep over.")
+            raise errors.UsageError(f"The config has no field {dotted!r} to sweep over.")
         node[leaf] = value
     return config
 
 
 def status(config, workdir: str) -> str:
     """'new', 'partial' or 'done' for a run's workdir; raises if it holds another config."""
+    from flax import traverse_util  # JAX: loaded only here, so that flag errors come back fast.
+
     config_file = storage.join(workdir, "config.json")
     if not storage.exists(config_file):
         return "new"
@@ -131,7 +138,7 @@ def status(config, workdir: str) -> str:
     # Fields only one side has come from another code version (a field added since): ignored.
     differ = sorted(k for k in set(have) & set(want) if have[k] != want[k])
     if differ:
-        raise ValueError(
+        raise SweepDirError(
             f"{workdir} holds a run of another config (fields {differ} differ: "
             f"{[(k, have.get(k), want.get(k)) for k in differ[:4]]}); use another --sweep_dir "
             "or delete that workdir."
@@ -218,14 +225,11 @@ def run_sweep(
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def _run(args: list[str]) -> None:
+    """Runs (or, with --dry_run, plans) the sweep the flags name."""
     if not FLAGS.sweep_dir:
-        raise app.UsageError("--sweep_dir is required (e.g. --sweep_dir runs/sweep_residual).")
-    errors = storage.unsupported([("--sweep_dir", FLAGS.sweep_dir)])
-    if errors:
-        raise app.UsageError(errors[0])
+        raise errors.UsageError("--sweep_dir is required (e.g. --sweep_dir runs/sweep_residual).")
+    storage.check_all_supported([("--sweep_dir", FLAGS.sweep_dir)])
     config_file = config_flags.get_config_filename(FLAGS["config"])
     results = run_sweep(
         FLAGS.config,
@@ -238,10 +242,13 @@ def main(argv):
     )
     failed = [k for k, v in results.items() if v.startswith("failed")]
     if failed:
-        print(f"# {len(failed)} run(s) failed: {failed}; see their train.log.", file=sys.stderr)
-        sys.exit(1)
+        raise errors.InputError(f"{len(failed)} run(s) failed: {failed}; see their train.log.")
+
+
+def main(argv=None) -> None:
+    """Command line (see the module docstring); `argv` without the program name."""
+    cli.run_tool(_run, FLAGS, __doc__, argv, program="python -m xception_jax.sweep")
 
 
 if __name__ == "__main__":
-    # cli's parsing: --help exits 0 with the usage example; a wrong flag exits 1.
-    app.run(main, flags_parser=lambda argv: [argv[0], *cli.parse_tool_flags(FLAGS, argv, __doc__)])
+    main()

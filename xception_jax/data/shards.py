@@ -46,8 +46,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def errors(batch_size: int, num_shards, process_count: int) -> list[str]:
-    """Messages for a batch size, shard count and process count that do not fit together."""
+def suggested_batch(batch_size: int, unit: int) -> int:
+    """The positive multiple of `unit` nearest to `batch_size` (rounding down; at least `unit`)."""
+    return max(1, batch_size // unit) * unit
+
+
+def errors(batch_size: int, num_shards, process_count: int, batch_unit: int = 1) -> list[str]:
+    """Messages for a batch size, shard count and process count that do not fit together.
+
+    `batch_unit`: what else the batch size must be a multiple of (the caller's devices x
+    microbatches), so that the batch size suggested satisfies every check at once.
+    """
     if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
         return [
             f"config.data_shards={num_shards!r} must be a positive integer: the number of logical "
@@ -68,7 +77,7 @@ def errors(batch_size: int, num_shards, process_count: int) -> list[str]:
         messages.append(
             f"config.batch_size={batch_size} is not a multiple of config.data_shards={num_shards}: "
             "every step takes the same number of examples from each shard. Use batch_size="
-            f"{max(1, batch_size // num_shards) * num_shards}{alternative}."
+            f"{suggested_batch(batch_size, math.lcm(num_shards, batch_unit))}{alternative}."
         )
     return messages
 

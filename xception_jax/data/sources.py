@@ -20,7 +20,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import xception_jax.data.sklearn_digits  # noqa: F401  (registers 'sklearn_digits' with TFDS)
+from xception_jax.data.names import IMAGE_FOLDER, dataset_name_errors
 from xception_jax.platform import storage
+from xception_jax.platform.errors import UsageError
 
 # TF must not reserve accelerator memory: JAX owns the devices. (A no-op with tensorflow-cpu.)
 try:
@@ -28,7 +30,6 @@ try:
 except (RuntimeError, ValueError):  # devices already initialised by someone else
     pass
 
-IMAGE_FOLDER = "image_folder"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -66,6 +67,9 @@ def prepare_dataset(name, data_dir=None, manual_dir=None, *, num_shards=None):
     be local or gs://.
     """
     data_dir = os.fspath(storage.path(data_dir, "config.data_dir")) if data_dir else None
+    unknown = dataset_name_errors(name)
+    if unknown:
+        raise UsageError(unknown[0])
     builder = tfds.builder(name, data_dir=data_dir, file_format="tfrecord")
     if builder.is_prepared():
         return builder
@@ -294,6 +298,12 @@ def get_dataset_info(config) -> DatasetInfo:
     builder = _tfds_builder(config)
     _, label_key = _tfds_keys(builder)
     label = builder.info.features[label_key]
+    for field, split in (("train_split", train_split), ("eval_split", eval_split)):
+        if split not in builder.info.splits:
+            raise UsageError(
+                f"config.{field}={split!r} is not a split of dataset {config.dataset!r}; its "
+                f"splits: {sorted(builder.info.splits.keys())}."
+            )
     return DatasetInfo(
         num_classes=label.num_classes,
         num_train_examples=builder.info.splits[train_split].num_examples,

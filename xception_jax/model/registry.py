@@ -8,6 +8,7 @@ op implementations of the platform compiled for).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 from typing import Any
@@ -19,6 +20,7 @@ import ml_collections
 
 from xception_jax.model import ops
 from xception_jax.model.xception import Xception, XceptionAligned
+from xception_jax.platform.errors import UsageError
 
 VARIANTS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "xception": (Xception, {}),
@@ -51,12 +53,17 @@ def model_fields(cls: type[nn.Module]) -> list[str]:
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build the registered variant ``name`` with field ``overrides`` (e.g. ``num_classes=10``)."""
     if name not in VARIANTS:
-        raise ValueError(f"Unknown model {name!r}; registered variants: {sorted(VARIANTS)}.")
+        close = difflib.get_close_matches(str(name), sorted(VARIANTS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(
+            f"Unknown model {name!r} (config.model.name).{hint} Registered variants: "
+            f"{sorted(VARIANTS)}."
+        )
     cls, defaults = VARIANTS[name]
     allowed = model_fields(cls)
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"Model {name!r} ({cls.__name__}) has no field(s) {unknown}; fields: {allowed}."
         )
     kwargs = {**defaults, **overrides}

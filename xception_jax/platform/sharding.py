@@ -13,7 +13,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 DATA_AXIS = "data"
 
@@ -43,7 +43,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(errors.InputError, RuntimeError):
     """A multi-process job that cannot start as configured (flags, environment, filesystem)."""
 
 

@@ -26,6 +26,8 @@ import re
 
 from etils import epath
 
+from xception_jax.platform import errors
+
 SUPPORTED_SCHEMES = ("gs",)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -44,7 +46,7 @@ _PARTIAL_SUPPORT = {
 }
 
 
-class UnsupportedPathError(ValueError):
+class UnsupportedPathError(errors.UsageError):
     """A path whose scheme this package cannot read or write (e.g. s3://)."""
 
 
@@ -91,6 +93,49 @@ def unsupported(named) -> list[str]:
         except UnsupportedPathError as e:
             errors.append(str(e))
     return errors
+
+
+def check_all_supported(named) -> None:
+    """Raises UnsupportedPathError naming every (what, path) pair whose scheme is not supported
+    (the tools' check of their path flags, before anything is read or written)."""
+    errors_found = unsupported(named)
+    if errors_found:
+        raise UnsupportedPathError(" ".join(errors_found))
+
+
+def check_writable(named) -> None:
+    """Raises errors.InputError for an output file of the (what, path) pairs that cannot be
+    written: a local parent that is a file or not writable, a gs:// bucket that does not exist.
+
+    For the tools' output flags, checked before any work, so that a refused command writes
+    nothing. Unset paths are skipped; the directories are not created here.
+    """
+    for what, value in named:
+        if not value:
+            continue
+        check_supported(value, what)
+        if is_remote(value):
+            found = scheme(value)
+            bucket = f"{found}://{value[len(found) + 3 :].partition('/')[0]}"
+            if not path(bucket).exists():
+                raise errors.InputError(
+                    f"{what}={value!r}: the bucket {bucket} does not exist (or is not readable "
+                    "with these credentials); create it or write elsewhere."
+                )
+            continue
+        parent = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(value))))
+        while not os.path.exists(parent):  # The nearest existing ancestor gets the new folders.
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            problem = "is a file" if not os.path.isdir(parent) else "is not writable"
+            raise errors.InputError(
+                f"{what}={os.fspath(value)!r} cannot be written: {parent} {problem}; give a path "
+                "in a writable directory."
+            )
+        if os.path.isdir(value):
+            raise errors.InputError(
+                f"{what}={os.fspath(value)!r} is a directory; give a file name to write."
+            )
 
 
 def path(p, what: str = "path") -> epath.Path:

@@ -18,14 +18,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from xception_jax.platform import storage
+from xception_jax.platform import errors, storage
 
 LAYOUT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.InputError, RuntimeError):
     """A checkpoint that cannot be used with this code or this model."""
 
 
@@ -310,6 +310,16 @@ def load(workdir: str, step: int | None = None, ema: bool = False):
     from xception_jax.model import registry  # Imports this module: keep the import local.
 
     storage.check_supported(workdir, "workdir")
+    if not storage.isdir(checkpoint_dir(workdir)):  # Before orbax, which logs a dozen lines.
+        problem = (
+            "does not exist"
+            if not storage.exists(workdir)
+            else f"has no {CHECKPOINT_DIR}/ folder: not a training workdir"
+        )
+        raise FileNotFoundError(
+            f"workdir {workdir!r} {problem}; give the --workdir of a training run (python "
+            "train.py --config ... --workdir DIR)."
+        )
     manager = create_manager(workdir, max_to_keep=None, read_only=True)
     steps = manager.all_steps()
     if not steps:
@@ -340,6 +350,6 @@ def load(workdir: str, step: int | None = None, ema: bool = False):
     )["model"]
     manager.close()
     if ema and "ema_params" not in restored:
-        raise ValueError(f"{workdir} was trained without EMA (config.ema_decay == 0).")
+        raise errors.UsageError(f"{workdir} was trained without EMA (config.ema_decay == 0).")
     params = restored["ema_params"] if ema else restored["params"]
     return model, {"params": params, "batch_stats": restored["batch_stats"]}, config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 
 import jax
 import ml_collections
@@ -10,6 +11,7 @@ import ml_collections
 from xception_jax.data import shards
 from xception_jax.model import ops, registry
 from xception_jax.platform import storage
+from xception_jax.platform.errors import UsageError
 
 # Config fields that name a file or directory (local or gs://).
 PATH_FIELDS = (
@@ -26,8 +28,15 @@ PATH_FIELDS = (
 _DERIVED_FIELDS = ("num_classes", "class_names")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config that cannot train; the message names each bad field and its fix."""
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        """One line for one problem; a line per problem for several."""
+        if len(problems) == 1:
+            return cls(f"Invalid config: {problems[0]}")
+        return cls("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def _field_names(config, prefix: str = "") -> set[str]:
@@ -68,37 +77,16 @@ def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
 
 def dataset_errors(config: ml_collections.ConfigDict) -> list[str]:
     """A message when config.dataset is neither 'image_folder' nor a registered TFDS dataset."""
-    import tensorflow_datasets as tfds
+    from xception_jax.data import names  # TFDS's registry, without TensorFlow
 
-    from xception_jax.data import sources  # imports TensorFlow, like tfds
-
-    name = str(config.dataset)
-    if name == sources.IMAGE_FOLDER:
-        return []
-    base = name.split("/")[0]
-    if ":" in base:
-        base, _, version = base.partition(":")
-        if not version[:1].isdigit():
-            return []  # A community dataset ("namespace:name"): TFDS resolves it.
-    try:
-        tfds.builder_cls(base)
-    except tfds.core.registered.DatasetNotFoundError:
-        known = [sources.IMAGE_FOLDER, *tfds.list_builders(with_community_datasets=False)]
-        close = difflib.get_close_matches(base, known, n=3)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return [
-            f"config.dataset={name!r} is not a TFDS dataset nor 'image_folder'.{hint} The "
-            "embedded default is 'sklearn_digits'."
-        ]
-    return []
+    return names.dataset_name_errors(config.dataset)
 
 
 def check_num_classes(config: ml_collections.ConfigDict, info) -> None:
     """Raises ConfigError when the dataset has fewer than 2 classes."""
     if info.num_classes < 2:
-        raise ConfigError(
-            f"Invalid config:\n  - Dataset {config.dataset!r} has {info.num_classes} classes; "
-            "need >= 2."
+        raise ConfigError.of(
+            [f"Dataset {config.dataset!r} has {info.num_classes} classes; need >= 2."]
         )
 
 
@@ -114,7 +102,7 @@ def validate(
     errors = unknown_fields(config)
     unsupported = path_errors(config, workdir)
     if unsupported:  # Nothing below may touch a path that no part of a run can use.
-        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors + unsupported))
+        raise ConfigError.of(errors + unsupported)
     if storage.exists(workdir) and not storage.isdir(workdir):
         errors.append(f"--workdir {workdir} is a file; give a directory (it is created if absent).")
     try:
@@ -148,11 +136,18 @@ def validate(
     if not 0 <= config.ema_decay < 1:
         errors.append(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 turns EMA off).")
     errors += pretrained_errors(config)
+    folder = config.get("image_folder")
+    if config.dataset == "image_folder" and not (folder and storage.isdir(folder)):
+        errors.append(
+            f"config.dataset='image_folder' needs config.image_folder to name a directory laid "
+            f"out as <root>/<split>/<class name>/<image>; got {folder!r}, which "
+            + ("is not set." if not folder else "is not a directory.")
+        )
     errors += dataset_errors(config)
     if info is not None and info.num_classes < 2:
         errors.append(f"Dataset {config.dataset!r} has {info.num_classes} classes; need >= 2.")
     if errors:
-        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+        raise ConfigError.of(errors)
 
 
 def path_errors(config: ml_collections.ConfigDict, workdir: str | None = None) -> list[str]:
@@ -192,16 +187,32 @@ def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 def batch_errors(config: ml_collections.ConfigDict, devices: int, processes: int = 1) -> list[str]:
     """Batch sizes that the devices (and, for training, the microbatches and the data's logical
-    shards) divide evenly, and logical shards that the processes divide evenly."""
-    errors = shards.errors(config.batch_size, config.get("data_shards", 1), processes)
+    shards) divide evenly, and logical shards that the processes divide evenly.
+
+    Each batch size suggested satisfies every one of these checks at once.
+    """
+    units = {"batch_size": train_batch_unit(config, devices), "eval_batch_size": devices}
+    errors = shards.errors(
+        config.batch_size, config.get("data_shards", 1), processes, units["batch_size"]
+    )
     for field in ("batch_size", "eval_batch_size"):
         value = config[field]
         if value <= 0 or value % devices:
             errors.append(
                 f"config.{field}={value} must be a positive multiple of the {devices} devices "
-                f"({processes} processes); use e.g. {max(1, value // devices) * devices}."
+                f"({processes} processes); use e.g. {shards.suggested_batch(value, units[field])}."
             )
     return errors + grad_accum_errors(config, devices, processes)
+
+
+def train_batch_unit(config: ml_collections.ConfigDict, devices: int) -> int:
+    """What a training batch size must be a multiple of: devices x grad_accum_steps and
+    data_shards (each taken as 1 when invalid: reported by its own check)."""
+    k = config.get("grad_accum_steps", 1)
+    k = k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else 1
+    n = config.get("data_shards", 1)
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
+    return math.lcm(devices * k, n)
 
 
 def grad_accum_errors(config: ml_collections.ConfigDict, devices: int, processes: int) -> list[str]:
@@ -217,5 +228,6 @@ def grad_accum_errors(config: ml_collections.ConfigDict, devices: int, processes
         f"config.batch_size={batch} does not split into grad_accum_steps={k} microbatches of "
         f"equal shares of the {devices} devices ({processes} processes): batch_size must be a "
         f"multiple of grad_accum_steps x devices = {k * devices}. Use batch_size="
-        f"{max(1, batch // (k * devices)) * k * devices}, or grad_accum_steps={max(fits)}."
+        f"{shards.suggested_batch(batch, train_batch_unit(config, devices))}, or "
+        f"grad_accum_steps={max(fits)}."
     ]

@@ -22,7 +22,7 @@ from absl import logging
 
 from xception_jax.data import shards
 from xception_jax.model import registry
-from xception_jax.platform import sharding, storage
+from xception_jax.platform import errors, sharding, storage
 from xception_jax.training import (
     checkpoints,
     config_checks,
@@ -104,10 +104,11 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Run
 
     Config errors come first (nothing read, written or compiled yet), then the dataset.
     """
-    from xception_jax.data import sources  # TensorFlow: imported where data is read
-
     chrono = telemetry.Chrono(len(devices or jax.devices()))
     config_checks.validate(config, None, workdir, num_devices=len(devices or jax.devices()))
+    from xception_jax.data import sources  # TensorFlow: imported where data is read (after the
+    # config checks, so that a config error comes back without it)
+
     workdir = os.fspath(storage.path(workdir))
     enable_compilation_cache(config)
     info = sources.get_dataset_info(config)
@@ -363,7 +364,7 @@ def evaluate(p_eval_step, params, batch_stats, config, mesh) -> dict:
     return {k: float(v) / count for k, v in totals.items()}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.InputError, FloatingPointError):
     """Training produced a non-finite loss or gradient (and skip_nonfinite_updates is off)."""
 
 

@@ -32,6 +32,7 @@ from absl import logging
 from flax import traverse_util
 
 from xception_jax.platform import storage
+from xception_jax.platform.errors import FileFormatError, UsageError
 from xception_jax.training import optim
 
 # The config fields that name a pretrained source (at most one may be set), and its kind.
@@ -51,7 +52,7 @@ def source_of(config: ml_collections.ConfigDict) -> str:
     """A description of the pretrained source, checked to exist."""
     given = {field: config.get(field) for field in SOURCE_FIELDS if config.get(field)}
     if len(given) > 1:
-        raise ValueError(
+        raise UsageError(
             f"Set only one of {', '.join('config.' + f for f in SOURCE_FIELDS)} (set: "
             + ", ".join(f"{f}={p!r}" for f, p in given.items())
             + ")."
@@ -109,7 +110,7 @@ def merge(fresh: dict, pretrained: dict, source: str = "the pretrained weights")
             problems.append(f"{'/'.join((col, *path))} of {source} has no place in the model")
         merged[col] = traverse_util.unflatten_dict(out)
     if problems:
-        raise ValueError(
+        raise FileFormatError(
             f"config.model does not fit {source} ({len(problems)} problems; e.g. "
             + "; ".join(problems[:5])
             + "). For a Keras file use config.model.name='xception' with the default widths "

@@ -29,6 +29,7 @@ import numpy as np
 from xception_jax.model.layers import get_activation
 from xception_jax.model.xception import Xception
 from xception_jax.platform import storage
+from xception_jax.platform.errors import RefusedError
 from xception_jax.weights import keras_weights
 
 # Keras's Xception: these fields at these values (keras/src/applications/xception.py).
@@ -80,7 +81,7 @@ def keras_errors(model, image_size: int | None = None) -> list[str]:
 def _check(model, image_size: int | None = None) -> None:
     errors = keras_errors(model, image_size)
     if errors:
-        raise ValueError(
+        raise RefusedError(
             "Cannot export to Keras: Keras's Xception cannot express " + "; ".join(errors) + "."
         )
 

@@ -49,6 +49,7 @@ import numpy as np
 
 from xception_jax.model.xception import Xception
 from xception_jax.platform import storage
+from xception_jax.platform.errors import FileFormatError
 
 _BN_ORDER = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -76,7 +77,7 @@ def _kind_from_shapes(arrays: list[np.ndarray], where: str) -> str:
         return "bn"
     if len(arrays) == 2 and len(shapes[0]) == 2 and len(shapes[1]) == 1:
         return "dense"
-    raise ValueError(
+    raise FileFormatError(
         f"{where}: weights with shapes {shapes} are no layer of Xception (expected a bias-free "
         "conv, a separable conv, a 4-variable BatchNorm or the dense classifier)."
     )
@@ -193,13 +194,13 @@ def _locate_xception(entries: list[_Entry], path: str) -> FileContents:
     weighted = [e for e in entries if e.arrays]
     if not sep_owners:
         found = ", ".join(_describe(e) for e in weighted[:8]) or "no weights at all"
-        raise ValueError(
+        raise FileFormatError(
             f"{path!r} holds no Xception (no model in it has separable convs); it holds "
             f"{len(weighted)} layers with weights: {found}{' ...' if len(weighted) > 8 else ''}."
         )
     if len(sep_owners) > 1:
         names = [" / ".join(o) or "the file's model itself" for o in sep_owners]
-        raise ValueError(
+        raise FileFormatError(
             f"{path!r} holds {len(sep_owners)} models with separable convs ({', '.join(names)}); "
             "import one Xception at a time: save that sub-model alone "
             "(model.get_layer(name).save('x.keras'))."
@@ -235,7 +236,7 @@ def _open_h5(data, path: str) -> h5py.File:
     try:
         return h5py.File(data, "r")
     except OSError as e:
-        raise ValueError(
+        raise FileFormatError(
             f"Cannot open {path!r} as HDF5 ({e}); is it a Keras .h5 / .weights.h5 file?"
         ) from e
 
@@ -246,20 +247,20 @@ def _read_archive(data: bytes, path: str) -> FileContents:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
         if "model.weights.h5" not in names:
-            raise ValueError(
+            raise FileFormatError(
                 f"{path!r} is a .keras archive without weights (members: {names}; a Keras 3 "
                 "model.save('x.keras') has model.weights.h5)."
             )
         config = json.loads(archive.read("config.json")) if "config.json" in names else None
         weights = archive.read("model.weights.h5")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
-        raise ValueError(f"Cannot read {path!r} as a .keras archive (zip): {e}.") from e
+        raise FileFormatError(f"Cannot read {path!r} as a .keras archive (zip): {e}.") from e
     with _open_h5(io.BytesIO(weights), f"{path}:model.weights.h5") as f:
         if config is None:
             return _locate_xception(_walk_h5(f, ()), path)
         inner = config.get("config", {})
         if "layers" not in inner:
-            raise ValueError(
+            raise FileFormatError(
                 f"{path!r}: config.json describes a {config.get('class_name')!r}, not a "
                 "Functional or Sequential model; re-save the model or its Xception alone."
             )
@@ -280,7 +281,7 @@ def read_file(path: str) -> FileContents:
             return FileContents(_read_legacy(root), [], "")
         if "layers" in root:
             return _locate_xception(_walk_h5(root, ()), path)
-    raise ValueError(
+    raise FileFormatError(
         f"{path!r} is neither a legacy Keras weight file (no 'layer_names' attribute) nor a "
         "Keras 3 .weights.h5 (no 'layers' group) nor a .keras archive."
     )
@@ -348,7 +349,7 @@ def _assign(layers: list[_Layer], slots: list[tuple[str, str]], target: dict) ->
     for layer in layers:
         if layer.name in slot_kind:
             if slot_kind[layer.name] != layer.kind:
-                raise ValueError(
+                raise FileFormatError(
                     f"Layer {layer.name!r} in the file is a {layer.kind}, Xception has a "
                     f"{slot_kind[layer.name]} there."
                 )
@@ -359,7 +360,7 @@ def _assign(layers: list[_Layer], slots: list[tuple[str, str]], target: dict) ->
         open_slots = [n for k, n in slots if k == kind and n not in assigned]
         got = rest.get(kind, [])
         if len(got) != len(open_slots):
-            raise ValueError(
+            raise FileFormatError(
                 f"The file has {len(got)} unmatched {kind} layers but the model has "
                 f"{len(open_slots)} to fill (first: {open_slots[:6]})."
             )
@@ -368,7 +369,7 @@ def _assign(layers: list[_Layer], slots: list[tuple[str, str]], target: dict) ->
         want = _shapes(target["params"][name])
         have = _shapes(_to_flax(layer.kind, layer.arrays)[0])
         if want != have:
-            raise ValueError(
+            raise FileFormatError(
                 f"Shape mismatch for {name!r} ({layer.kind}, file layer {layer.name!r}): "
                 f"file {have}, model {want}."
             )
@@ -384,12 +385,12 @@ def infer_config(layers: list[_Layer]) -> dict[str, Any]:
     n_sep = sum(layer.kind == "sep" for layer in layers)
     dense = [layer for layer in layers if layer.kind == "dense"]
     if n_sep < 10 or (n_sep - 10) % 3:
-        raise ValueError(
+        raise FileFormatError(
             f"The file has {n_sep} separable convs; an Xception has 10 + 3 * middle_blocks "
             "(34 for Keras's model). Is this an Xception weight file?"
         )
     if len(dense) > 1:
-        raise ValueError(f"The file has {len(dense)} dense layers; Xception has at most one.")
+        raise FileFormatError(f"The file has {len(dense)} dense layers; Xception has at most one.")
     cfg = {"middle_blocks": (n_sep - 10) // 3, "include_top": bool(dense)}
     if dense:
         cfg["num_classes"] = int(dense[0].arrays[0].shape[1])
@@ -410,7 +411,7 @@ def _load(path: str, include_top: bool | None) -> tuple[dict[str, Any], dict[str
     layers = contents.layers
     if contents.head:
         if include_top:
-            raise ValueError(
+            raise FileFormatError(
                 _head_message(path, contents) + " Load the backbone with include_top=False."
             )
         warnings.warn(
@@ -420,12 +421,12 @@ def _load(path: str, include_top: bool | None) -> tuple[dict[str, Any], dict[str
     try:
         cfg = infer_config(layers)
     except ValueError as e:
-        raise ValueError(f"{path!r}: {contents.where or 'the model'}: {e}") from None
+        raise FileFormatError(f"{path!r}: {contents.where or 'the model'}: {e}") from None
     if include_top is False and cfg["include_top"]:
         layers = [layer for layer in layers if layer.kind != "dense"]
         cfg = {"middle_blocks": cfg["middle_blocks"], "include_top": False}
     elif include_top and not cfg["include_top"]:
-        raise ValueError(f"{path!r} has no classifier (a _notop file); use include_top=False.")
+        raise FileFormatError(f"{path!r} has no classifier (a _notop file); use include_top=False.")
     model = Xception(**cfg)
     target = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 71, 71, 3), jnp.float32))
@@ -441,7 +442,7 @@ def _load(path: str, include_top: bool | None) -> tuple[dict[str, Any], dict[str
             errors.append(e)
     else:
         where = f" ({contents.where})" if contents.where else ""
-        raise ValueError(
+        raise FileFormatError(
             f"{path!r}{where} does not fit Keras's Xception (widths of "
             f"keras.applications.Xception, {cfg}): {errors[0]}"
         )
@@ -457,7 +458,7 @@ def _load(path: str, include_top: bool | None) -> tuple[dict[str, Any], dict[str
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables)
     # Final guard: the exact tree structure and shapes the model expects.
     if _shapes(variables) != _shapes(dict(target)):
-        raise ValueError(
+        raise RuntimeError(
             f"Internal mapping error: variables of {path!r} do not match Xception{cfg}."
         )
     return variables, cfg

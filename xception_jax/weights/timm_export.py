@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from xception_jax.model import registry
 from xception_jax.platform import storage
+from xception_jax.platform.errors import RefusedError
 from xception_jax.weights import timm_weights
 from xception_jax.weights.keras_export import field_value
 
@@ -67,7 +68,7 @@ def variant_of(model) -> str:
         if closest is None or rank < closest[0]:
             closest = (rank, name, diff)
     _, name, diff = closest
-    raise ValueError(
+    raise RefusedError(
         f"Cannot export to timm: no timm Xception has this model's switches; the closest, "
         f"{name!r}, differs in " + "; ".join(diff) + "."
     )
@@ -88,7 +89,7 @@ def state_dict(model, variables: dict[str, Any]) -> tuple[str, dict[str, np.ndar
     """(timm variant, its state dict as numpy arrays) for `variables` of `model`."""
     name = variant_of(model)
     if not model.include_top:
-        raise ValueError("Cannot export to timm: the model has no classifier (include_top).")
+        raise RefusedError("Cannot export to timm: the model has no classifier (include_top).")
     tensors = {}
     flat = traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats")})
     for path, value in flat.items():

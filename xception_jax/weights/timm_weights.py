@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from xception_jax.model import registry
 from xception_jax.platform import storage
+from xception_jax.platform.errors import FileFormatError, UsageError
 
 VARIANTS = ("xception41", "xception65", "xception71", "legacy_xception")
 _SKIPPED = ("num_batches_tracked",)  # PyTorch BatchNorm's step counter: no use at inference.
@@ -135,7 +136,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     try:
         tensors = load_safetensors(storage.read_bytes(path))
     except (SafetensorError, ValueError) as e:
-        raise ValueError(
+        raise FileFormatError(
             f"Cannot read {path!r} as safetensors ({e}); give timm's model.safetensors (the "
             "hub's file) or a file written by safetensors.torch.save_file(model.state_dict())."
         ) from e
@@ -159,7 +160,7 @@ def _num_classes(tensors: dict[str, np.ndarray], name: str) -> int | None:
 
 def _check_name(name: str) -> None:
     if name not in VARIANTS:
-        raise ValueError(f"No timm weights for model {name!r}; timm variants: {list(VARIANTS)}.")
+        raise UsageError(f"No timm weights for model {name!r}; timm variants: {list(VARIANTS)}.")
 
 
 def load(path: str, name: str, *, include_top: bool | None = None) -> dict[str, Any]:
@@ -174,7 +175,7 @@ def load(path: str, name: str, *, include_top: bool | None = None) -> dict[str, 
     tensors = read_tensors(path)
     num_classes = _num_classes(tensors, name)
     if include_top and num_classes is None:
-        raise ValueError(f"{path!r} has no classifier; use include_top=False.")
+        raise FileFormatError(f"{path!r} has no classifier; use include_top=False.")
     top = num_classes is not None and include_top is not False
     model = registry.create_model(
         name, include_top=top, **({"num_classes": num_classes} if top else {})
@@ -204,7 +205,7 @@ def load(path: str, name: str, *, include_top: bool | None = None) -> dict[str, 
     if problems:
         guess = guess_variant(tensors)
         hint = f" The file looks like timm's {guess!r}." if guess and guess != name else ""
-        raise ValueError(
+        raise FileFormatError(
             f"{path!r} does not fit timm's {name!r} ({len(problems)} mismatched tensors; first: "
             + "; ".join(problems[:5])
             + f").{hint} Pass the variant the file was saved from (one of {list(VARIANTS)})."
