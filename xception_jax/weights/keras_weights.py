@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xception_jax.model import registry
 from xception_jax.model.xception import Xception
 from xception_jax.platform import storage
 
@@ -284,6 +285,7 @@ def load_model(path: str, **overrides: Any) -> tuple[Xception, dict[str, Any]]:
     change parameter shapes (``width_multiplier``, ``middle_blocks``, ``num_classes``) must agree
     with the file.
     """
+    registry.check_pretrainable(overrides, "Keras")
     variables = load(path, include_top=overrides.get("include_top"))
     cfg = infer_config(read_layers(path))
     if overrides.get("include_top") is False:
