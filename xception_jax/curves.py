@@ -318,8 +318,8 @@ def table(groups: list[Group], digits: int = 4) -> str:
 
 def plot_vs_gflops(groups: list[Group], title: str | None = None):
     """A matplotlib figure: each group's mean final eval accuracy (bar: min-max over seeds)
-    against its model's forward GFLOPs per image (log scale). Groups without a cost or an
-    eval are left out."""
+    against its model's forward GFLOPs per image (log scale when they span more than 3x).
+    Groups without a cost or an eval are left out."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -341,7 +341,10 @@ def plot_vs_gflops(groups: list[Group], title: str | None = None):
             fontsize=8,
             color=color,
         )
-    ax.set_xscale("log")
+    xs = [line.get_xdata()[0] for line in ax.lines]
+    if xs and max(xs) > 3 * min(xs):  # A log axis only where the costs span a range.
+        ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.15)  # Room for the labels beside the points.
     ax.set_xlabel("forward GFLOPs per image (XLA cost analysis)")
     ax.set_ylabel("final eval accuracy")
     ax.grid(alpha=0.3, which="both")
