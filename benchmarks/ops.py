@@ -11,6 +11,13 @@ implementation of one op, the others at their defaults.
   python benchmarks/ops.py --ops pool conv
   python benchmarks/ops.py --ops depthwise --model xception_tiny --batch 32 --size 64
   python benchmarks/ops.py --ops conv --model xception --batch 8 --size 299 --iters 3 --skip-layers
+
+The grouped spatial conv of ``config.model.channels_per_group`` (g > 1, or -1 for a regular
+conv): ``--channels_per_group`` times the model's train step with each g and each depthwise
+implementation ('taps' and 'taps_vjp' are the same taps form there, 'lax' the grouped conv):
+
+  python benchmarks/ops.py --ops depthwise --model xception_tiny --batch 32 --size 64 \
+      --skip-layers --channels_per_group 1 2 4 8 -1
 """
 
 from __future__ import annotations
@@ -89,15 +96,18 @@ def bench_layer(op: str, impl: str, case, iters: int) -> tuple[float, float]:
     return _time(fwd, *args, iters=iters), _time(bwd, *args, iters=iters)
 
 
-def bench_model(name: str, op: str, impl: str, batch: int, size: int, iters: int) -> float:
-    """ms per train step (``xception_jax.training.steps.train_step``, SGD) of a registered model."""
+def bench_model(
+    name: str, op: str, impl: str, batch: int, size: int, iters: int, **fields
+) -> float:
+    """ms per train step (``xception_jax.training.steps.train_step``, SGD) of a registered model
+    (``fields``: other model fields, e.g. ``channels_per_group``)."""
     import optax
 
     from configs import default
     from xception_jax.model.registry import create_model
     from xception_jax.training import steps, train_state
 
-    model = create_model(name, num_classes=10, **{MODEL_FIELD[op]: impl})
+    model = create_model(name, num_classes=10, **{MODEL_FIELD[op]: impl}, **fields)
     config = default.get_config()
     config.image_size = size
     tx = optax.sgd(0.01)
@@ -123,6 +133,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument(
+        "--channels_per_group",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="model train steps with each of these (1 depthwise, g grouped, -1 regular)",
+    )
     args = p.parse_args()
     print(f"backend={jax.default_backend()} devices={jax.devices()}")
     for op in args.ops:
@@ -142,10 +159,16 @@ def main() -> None:
                     row += f"{f:>12.2f}{b:>14.2f}{times['lax'][1] / b:>7.2f}"
                 print(row, flush=True)
         if args.model:
-            for impl in impls:
-                t = bench_model(args.model, op, impl, args.batch, args.size, args.iters)
-                name = f"{args.model} b={args.batch} {args.size}px {op}={impl}"
-                print(f"train step {name}: {t:.1f} ms")
+            groups = args.channels_per_group if op == "depthwise" else [1]
+            for g in groups:
+                fields = {"channels_per_group": g} if g != 1 else {}
+                for impl in impls:
+                    t = bench_model(
+                        args.model, op, impl, args.batch, args.size, args.iters, **fields
+                    )
+                    name = f"{args.model} b={args.batch} {args.size}px {op}={impl}"
+                    name += f" channels_per_group={g}" if fields else ""
+                    print(f"train step {name}: {t:.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

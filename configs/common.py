@@ -21,6 +21,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Recompute every block from its input in the backward pass: the least memory, about one
     # more forward pass of compute (HBM per image on TPU: docs/memory.md).
     config.model.remat_blocks = False
+    # The paper's open questions (docs/research_switches.md). The order of each separable conv's
+    # halves: 'depthwise_first' (Keras) | 'pointwise_first' (1x1 to the output width, then the
+    # 3x3 on it). Channels per segment of its 3x3: 1 depthwise | g grouped (g divides every
+    # separable conv's channels: 1, 2, 4 or 8 on every variant) | -1 a regular 3x3 conv.
+    config.model.separable_order = "depthwise_first"
+    config.model.channels_per_group = 1
     # Op implementations (xception_jax.model.ops.IMPLS; all equal in value): 'auto' is the backend's
     # fastest measured. E.g. 'lax' everywhere for XLA's own ops, or 'taps_vjp' to try on GPU.
     config.model.depthwise_impl = "auto"  # 'taps_vjp' | 'taps' | 'lax'

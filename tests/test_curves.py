@@ -103,3 +103,42 @@ def test_curves_against_device_hours(workdirs, tmp_path):
         curves.plot(groups, x_axes=("epochs",))
     curves.main([*workdirs, "--out", str(tmp_path / "c.png"), "--x", "device_hours"])
     assert Image.open(tmp_path / "c.png").size[0] < Image.open(tmp_path / "c.png").size[1] * 2
+
+
+def test_table_has_params_and_gflops_and_the_accuracy_against_gflops_plot(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+
+    from xception_jax.model import registry
+
+    dirs = []
+    for g, acc in ((1, 0.5), (-1, 0.7)):
+        d = tmp_path / f"cpg{g}" / "seed0"
+        meta = d / "checkpoints" / "20" / "meta"
+        os.makedirs(meta)
+        (meta / "metadata").write_text(json.dumps({"num_classes": 10, "layout_version": 1}))
+        config = {"model": {"name": "xception_tiny", "channels_per_group": g}, "image_size": 32}
+        (d / "config.json").write_text(json.dumps({**config, "seed": 0}))
+        records = [{"step": 20, "train_loss": 1.0, "eval_accuracy": acc}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        dirs.append(str(d))
+    out, vs = str(tmp_path / "c.png"), str(tmp_path / "acc_gflops.png")
+    curves.main([*dirs, "--out", out, "--vs_gflops", vs])
+    with Image.open(vs) as image:
+        assert image.format == "PNG"
+    assert os.path.exists(vs[:-4] + ".svg")
+    md = capsys.readouterr().out
+    assert "| params | GFLOPs/image |" in md
+    rows = {}
+    for line in md.splitlines():
+        m = re.match(r"\| channels_per_group=(-?\d) \| 1 \|.*\| ([\d,]+) \| ([\d.e+]+) \|$", line)
+        if m:
+            rows[int(m.group(1))] = (int(m.group(2).replace(",", "")), float(m.group(3)))
+    assert set(rows) == {1, -1}
+    for g, (params, gflops) in rows.items():
+        model = registry.create_model("xception_tiny", num_classes=10, channels_per_group=g)
+        x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+        shapes = jax.eval_shape(lambda x, model=model: model.init(jax.random.key(0), x), x)
+        assert params == registry.count_params(shapes["params"])
+        assert gflops > 0
+    assert rows[-1][1] > rows[1][1]  # A regular 3x3 conv costs more than a depthwise one.

@@ -314,6 +314,24 @@ BAD_INPUTS = {
         config_checks.ConfigError,
         "config.init_from_keras='/nonexistent/xception.h5' does not exist",
     ),
+    "channels_per_group_the_model_cannot_take": (
+        {"model.name": "xception", "model.channels_per_group": 3},
+        config_checks.ConfigError,
+        "config.model: channels_per_group=3 does not divide the spatial conv of every separable "
+        "conv of model 'xception' (their channel counts: [64, 128, 256, 728, 1024, 1536]); use "
+        "one of [1, 2, 4, 8, -1]",
+    ),
+    "unknown_separable_order": (
+        {"model.separable_order": "pointwise_last"},
+        config_checks.ConfigError,
+        "config.model: Unknown separable_order 'pointwise_last'; use 'depthwise_first'",
+    ),
+    "keras_weights_for_a_grouped_model": (
+        {"init_from_keras": "/nonexistent/xception.h5", "model.channels_per_group": 2},
+        config_checks.ConfigError,
+        "config.init_from_keras: Keras weights are depthwise-first depthwise separable convs; "
+        "they cannot fill separable_order='depthwise_first', channels_per_group=2",
+    ),
     "workdir_is_a_file": (
         {"workdir_is_a_file": True},
         config_checks.ConfigError,

@@ -69,6 +69,30 @@ def test_unknown_sweep_or_field_is_named():
         sweep.resolved_config(default.get_config(), {"model.nope": 1})
 
 
+def test_research_switch_sweeps_and_values_a_variant_cannot_take():
+    segments = dict(sweep.SWEEPS["segments"])
+    assert {k: v["model.channels_per_group"] for k, v in segments.items()} == {
+        "cpg1": 1,
+        "cpg2": 2,
+        "cpg4": 4,
+        "cpg8": 8,
+        "regular": -1,
+    }
+    orders = [v["model.separable_order"] for _, v in sweep.SWEEPS["order"]]
+    assert orders == ["depthwise_first", "pointwise_first"]
+    crossed = dict(sweep.SWEEPS["segments_residual"])
+    assert len(crossed) == 10
+    assert crossed["cpg4-no_residual"] == {
+        "model.channels_per_group": 4,
+        "model.residual": False,
+    }
+    config = default.get_config()
+    assert sweep.model_refuses(sweep.resolved_config(config, segments["cpg8"])) is None
+    # A value the variant cannot take leaves that run out, saying why.
+    refused = sweep.model_refuses(sweep.resolved_config(config, {"model.channels_per_group": 3}))
+    assert "use one of [1, 2, 4, 8, -1]" in refused
+
+
 def test_two_variant_sweep_trains_both_workdirs_and_skips_them_on_rerun(
     digits_data_dir, tmp_path, capsys, monkeypatch
 ):

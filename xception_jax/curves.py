@@ -3,6 +3,7 @@
 Usage: python -m xception_jax.curves WORKDIR... --out curves.png [--log_loss] [--table t.md]
 
     python -m xception_jax.curves runs/sweep/*/seed* --out curves.png [--log_loss] [--table t.md]
+    python -m xception_jax.curves runs/sweep/*/seed* --out curves.png --vs_gflops acc_flops.png
     python -m xception_jax.curves "gs://bucket/sweep/*/seed*" --out gs://bucket/sweep/curves.png
     python -m xception_jax.curves runs/sweep/*/seed* --out cost.png --x step,device_hours
 
@@ -11,8 +12,12 @@ Reads `metrics.jsonl` and `config.json` of each workdir. Runs whose configs diff
 with the config fields that differ between them. Writes a figure (train loss and eval
 accuracy, against each axis of --x: step, wall time and/or device-hours) as PNG and SVG, and
 prints a markdown table of the final and best eval accuracy of every run, numbers taken as they
-are from the metrics files (rounded for display only). Importable: `load_run`, `group_runs`,
-`plot`, `table`.
+are from the metrics files (rounded for display only), with each group's parameter count and
+forward GFLOPs per image at the run's image size (XLA's cost analysis of the lowered model,
+`registry.forward_cost`; the number of classes read from the run's checkpoint). `--vs_gflops`
+also plots each group's final accuracy against its GFLOPs per image (a sweep's cost/accuracy
+trade-off). Importable: `load_run`, `group_runs`, `plot`, `table`, `model_cost`,
+`plot_vs_gflops`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ flags.DEFINE_string(
 flags.DEFINE_bool("log_loss", False, "Log-scale train loss axes.", flag_values=FLAGS)
 flags.DEFINE_string("table", None, "Also write the markdown table to this file.", flag_values=FLAGS)
 flags.DEFINE_string("title", None, "Figure title.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "vs_gflops",
+    None,
+    "Also write final eval accuracy against forward GFLOPs per image, one point per group, to "
+    "this PNG (and .svg), local or gs://.",
+    flag_values=FLAGS,
+)
 flags.DEFINE_list(
     "x",
     ["step", "wall_time"],
@@ -93,6 +105,51 @@ def load_run(workdir: str) -> Run:
         flat = traverse_util.flatten_dict(json.loads(storage.read_text(config_path)), sep=".")
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
     return Run(storage.normpath(workdir), config, records)
+
+
+def _num_classes(workdir: str) -> int | None:
+    """The classifier's width, from the metadata of the run's newest checkpoint (None: none)."""
+    metas = storage.glob(storage.join(workdir, "checkpoints", "*", "meta", "metadata"))
+    steps = sorted((int(p.split("/")[-3]), p) for p in metas if p.split("/")[-3].isdigit())
+    if not steps:
+        return None
+    return int(json.loads(storage.read_text(steps[-1][1]))["num_classes"])
+
+
+def _hashable(value):
+    """JSON lists (of lists) back to the tuples that model fields hold."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+_COSTS: dict[tuple, dict | None] = {}
+
+
+def model_cost(run: Run) -> dict | None:
+    """{'params', 'gflops'} of a run's model (forward, one image at its image size), or None
+    when the run has no config or checkpoint to say what it is. Cached per model."""
+    num_classes = _num_classes(run.workdir)
+    if num_classes is None or "model.name" not in run.config or "image_size" not in run.config:
+        return None
+    fields = {
+        k.removeprefix("model."): _hashable(v)
+        for k, v in run.config.items()
+        if k.startswith("model.") and k != "model.name"
+    }
+    name, size = run.config["model.name"], int(run.config["image_size"])
+    key = (name, num_classes, size, repr(sorted(fields.items())))
+    if key not in _COSTS:
+        from xception_jax.model import registry  # JAX: only when a cost is asked for.
+
+        model = registry.create_model(name, num_classes=num_classes, **fields)
+        _COSTS[key] = registry.forward_cost(model, size)
+    return _COSTS[key]
+
+
+def _cost_cells(run: Run) -> str:
+    cost = model_cost(run)
+    if cost is None:
+        return "- | -"
+    return f"{cost['params']:,} | {cost['gflops']:.4g}"
 
 
 def _short_names(fields: list[str]) -> dict[str, str]:
@@ -226,7 +283,8 @@ def _final_and_best(run: Run):
 def table(groups: list[Group], digits: int = 4) -> str:
     """Markdown: final and best eval accuracy of every run (values from metrics.jsonl).
 
-    Followed by one line per group with the mean final accuracy over its seeds.
+    Followed by one line per group with the mean final accuracy over its seeds, and its model's
+    parameter count and forward GFLOPs per image (``model_cost``; '-' when unknown).
     """
     f = lambda x: f"{x:.{digits}f}"
     lines = [
@@ -235,8 +293,8 @@ def table(groups: list[Group], digits: int = 4) -> str:
     ]
     summary = [
         "",
-        "| run | seeds | mean final eval acc | min | max |",
-        "|---|---|---|---|---|",
+        "| run | seeds | mean final eval acc | min | max | params | GFLOPs/image |",
+        "|---|---|---|---|---|---|---|",
     ]
     for group in groups:
         finals = []
@@ -254,9 +312,46 @@ def table(groups: list[Group], digits: int = 4) -> str:
         if finals:
             summary.append(
                 f"| {group.label} | {len(finals)} | {f(float(np.mean(finals)))} "
-                f"| {f(min(finals))} | {f(max(finals))} |"
+                f"| {f(min(finals))} | {f(max(finals))} | {_cost_cells(group.runs[0])} |"
             )
     return "\n".join(lines + summary) + "\n"
+
+
+def plot_vs_gflops(groups: list[Group], title: str | None = None):
+    """A matplotlib figure: each group's mean final eval accuracy (bar: min-max over seeds)
+    against its model's forward GFLOPs per image (log scale when they span more than 3x).
+    Groups without a cost or an eval are left out."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, group in enumerate(groups):
+        finals = [r["final"] for r in map(_final_and_best, group.runs) if r is not None]
+        cost = model_cost(group.runs[0])
+        if not finals or cost is None:
+            continue
+        mean = float(np.mean(finals))
+        err = [[mean - min(finals)], [max(finals) - mean]]
+        color = colors[i % len(colors)]
+        ax.errorbar(cost["gflops"], mean, yerr=err, fmt="o", color=color, capsize=3)
+        ax.annotate(
+            group.label,
+            (cost["gflops"], mean),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+            color=color,
+        )
+    xs = [line.get_xdata()[0] for line in ax.lines]
+    if xs and max(xs) > 3 * min(xs):  # A log axis only where the costs span a range.
+        ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.15)  # Room for the labels beside the points.
+    ax.set_xlabel("forward GFLOPs per image (XLA cost analysis)")
+    ax.set_ylabel("final eval accuracy")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title or "Final accuracy against compute", fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 def save(fig, out: str) -> list[str]:
@@ -276,9 +371,9 @@ def _run(workdirs: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    named = [("--out", FLAGS.out), ("--table", FLAGS.table)] + [("workdir", w) for w in workdirs]
-    storage.check_all_supported(named)  # Before reading anything.
-    storage.check_writable([("--out", FLAGS.out), ("--table", FLAGS.table)])
+    outputs = [("--out", FLAGS.out), ("--table", FLAGS.table), ("--vs_gflops", FLAGS.vs_gflops)]
+    storage.check_all_supported(outputs + [("workdir", w) for w in workdirs])  # Before reading.
+    storage.check_writable(outputs)
     unknown = [x for x in FLAGS.x if x not in X_AXES]
     if unknown:
         raise errors.UsageError(f"--x: unknown axes {unknown}; choose from {sorted(X_AXES)}.")
@@ -294,6 +389,8 @@ def _run(workdirs: list[str]) -> None:
     groups = group_runs([load_run(w) for w in expanded])
     fig = plot(groups, log_loss=FLAGS.log_loss, title=FLAGS.title, x_axes=tuple(FLAGS.x))
     paths = save(fig, FLAGS.out)
+    if FLAGS.vs_gflops:
+        paths += save(plot_vs_gflops(groups, title=FLAGS.title), FLAGS.vs_gflops)
     md = table(groups)
     print(md)
     if FLAGS.table:

@@ -42,6 +42,19 @@ SWEEPS: dict[str, list[tuple[str, dict]]] = {
         (f"act_{a}", {"model.intermediate_activation": a}) for a in ("none", "elu", "relu")
     ],
 }
+# The paper's open question (c): the order of the separable convs' halves.
+SWEEPS["order"] = [
+    (order, {"model.separable_order": order}) for order in ("depthwise_first", "pointwise_first")
+]
+# Question (d): channels per independent segment of the separable convs' 3x3 conv, from
+# depthwise (1) to a regular conv (-1). Values the model cannot take are left out at run time.
+SWEEPS["segments"] = [(f"cpg{g}", {"model.channels_per_group": g}) for g in (1, 2, 4, 8)] + [
+    ("regular", {"model.channels_per_group": -1})
+]
+SWEEPS["segments_residual"] = [
+    (f"{sn}-{rn}", {**sv, **rv})
+    for (sn, sv), (rn, rv) in itertools.product(SWEEPS["segments"], SWEEPS["residual"])
+]
 SWEEPS["all"] = [
     (f"{rn}-{an}", {**rv, **av})
     for (rn, rv), (an, av) in itertools.product(SWEEPS["residual"], SWEEPS["activation"])
@@ -126,6 +139,20 @@ def resolved_config(config, fields: dict):
     return config
 
 
+def model_refuses(config) -> str | None:
+    """Why `config.model` cannot be built (a field value its variant refuses), or None."""
+    if config.model.get("channels_per_group", 1) in (1, -1):
+        return None  # Every variant takes these: no need to trace the model.
+    from xception_jax.model import registry
+
+    try:
+        fields = {k: v for k, v in config.model.items() if k != "name"}
+        registry.create_model(config.model.name, **fields)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
 def status(config, workdir: str) -> str:
     """'new', 'partial' or 'done' for a run's workdir; raises if it holds another config."""
     from flax import traverse_util  # JAX: loaded only here, so that flag errors come back fast.
@@ -187,10 +214,19 @@ def run_sweep(
     Returns {run name: 'done' | 'skipped' | 'failed (exit N)' | 'planned'}.
     """
     runs = plan(sweep, sweep_dir, seeds, int(config.seed))
+    refused = {}
+    for run in runs:
+        # Fails now on a field the config lacks; a model field value the variant cannot take
+        # (e.g. a channels_per_group that does not divide its widths) drops that run.
+        reason = model_refuses(resolved_config(config, run["fields"]))
+        if reason:
+            refused[run["name"]] = reason
+    for name, reason in refused.items():
+        print(f"# Left out {name}: {reason}")
+    runs = [run for run in runs if run["name"] not in refused]
     commands = {}
     print(f"# Sweep {sweep!r}: {len(runs)} runs under {sweep_dir}. Commands (one per run):")
     for run in runs:
-        resolved_config(config, run["fields"])  # Fails now on a field the config lacks.
         commands[run["name"]] = command(config_file, run["workdir"], run["fields"], overrides)
         print(shlex.join(commands[run["name"]]))
     sys.stdout.flush()

@@ -1,11 +1,14 @@
 """Flax (linen) depthwise, pointwise and separable convolutions, no bias, depth multiplier 1.
 
 Parameter names and layouts (what ``keras_weights`` maps onto):
-- ``DepthwiseConv``: ``kernel`` ``(kh, kw, 1, C)``.
+- ``DepthwiseConv``: ``kernel`` ``(kh, kw, 1, C)``; with ``channels_per_group=g``,
+  ``(kh, kw, g, C)`` (``C // g`` groups, as ``nn.Conv(feature_group_count=C // g)``).
 - ``PointwiseConv``: ``kernel`` ``(Cin, Cout)``.
 - ``Conv``: ``kernel`` ``(kh, kw, Cin, Cout)``, as ``nn.Conv``.
 - ``SeparableConv``: submodules ``depthwise`` and ``pointwise`` (and ``depthwise_bn`` when
-  ``depthwise_norm`` is set, for the aligned Xceptions).
+  ``depthwise_norm`` is set, for the aligned Xceptions; ``pointwise_bn`` in the pointwise-first
+  order). The spatial half keeps the name ``depthwise`` whatever its channels per group, so
+  checkpoints, weight-decay masks and backbone freezing see one layout.
 
 ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype: ``dtype=jnp.bfloat16`` with
 ``param_dtype=jnp.float32`` keeps f32 master weights and computes in bf16.
@@ -22,8 +25,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from xception_jax.model import ops
+from xception_jax.platform.errors import UsageError
 
 Dtype = Any
+
+SEPARABLE_ORDERS = ("depthwise_first", "pointwise_first")
 
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array] | None] = {
     None: None,
@@ -42,10 +48,34 @@ def get_activation(name: str | None) -> Callable[[jax.Array], jax.Array] | None:
     return ACTIVATIONS[name]
 
 
+def check_separable_order(order: str) -> None:
+    """Raise UsageError naming the choices when ``order`` is not a separable conv order."""
+    if order not in SEPARABLE_ORDERS:
+        raise UsageError(
+            f"Unknown separable_order {order!r}; use 'depthwise_first' (Keras/TF, the default) "
+            "or 'pointwise_first' (the paper's 'extreme' Inception module: 1x1, then 3x3)."
+        )
+
+
+def check_channels_per_group(g: int) -> None:
+    """Raise UsageError unless ``g`` is a positive group size or -1 (a regular conv)."""
+    if isinstance(g, bool) or not isinstance(g, int) or not (g >= 1 or g == -1):
+        raise UsageError(
+            f"channels_per_group={g!r} must be a positive integer (1: depthwise, the default) "
+            "or -1 (a regular 3x3 conv)."
+        )
+
+
 class DepthwiseConv(nn.Module):
-    """Depthwise conv, depth multiplier 1, no bias: one ``kernel_size`` filter per channel."""
+    """Depthwise conv, depth multiplier 1, no bias: one ``kernel_size`` filter per channel.
+
+    ``channels_per_group`` g > 1 makes it a grouped conv of ``C // g`` independent segments of g
+    channels (the paper's spectrum between depthwise and regular convs); -1 a regular conv (one
+    segment of all C channels). 1, the default, is the depthwise conv.
+    """
 
     kernel_size: int = 3
+    channels_per_group: int = 1
     strides: int = 1
     dilation: int = 1
     padding: str | tuple[tuple[int, int], tuple[int, int]] = "SAME"
@@ -61,6 +91,26 @@ class DepthwiseConv(nn.Module):
         """Apply to NHWC ``x``."""
         c = x.shape[-1]
         k = self.kernel_size
+        g = self.channels_per_group
+        if g != 1:
+            check_channels_per_group(g)
+            g = c if g == -1 else g
+            if c % g:
+                raise ValueError(
+                    f"channels_per_group={g} does not divide this conv's {c} channels; "
+                    "registry.channels_per_group_choices(model) lists the values a model takes."
+                )
+            # The variance scaling reads the true fan-in, k * k * g, from the kernel's shape.
+            kernel = self.param("kernel", self.kernel_init, (k, k, g, c), self.param_dtype)
+            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+            return ops.grouped_conv(
+                x,
+                kernel,
+                strides=self.strides,
+                dilation=self.dilation,
+                padding=self.padding,
+                impl=self.impl,
+            )
         kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), self.param_dtype)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         return ops.depthwise_conv(
@@ -155,6 +205,11 @@ class BatchNorm(nn.Module):
 class SeparableConv(nn.Module):
     """Depthwise ``kernel_size`` conv then pointwise 1x1 conv, no bias, depth multiplier 1.
 
+    ``separable_order='pointwise_first'`` swaps the halves: the 1x1 conv to ``features``
+    channels, then the spatial conv on those output channels (the paper's "extreme" Inception
+    module); the stride and dilation stay on the spatial conv, and the between-halves BatchNorm
+    (``depthwise_norm``, then named ``pointwise_bn``) and activation stay between the halves.
+
     Attributes:
       features: output channels of the pointwise half.
       kernel_size, strides, dilation, padding: of the depthwise half (strides apply there, as
@@ -163,6 +218,8 @@ class SeparableConv(nn.Module):
       depthwise_norm: insert BatchNorm after the depthwise half (aligned Xception); it comes
         before ``intermediate_activation``.
       depthwise_impl: 'auto', 'taps', 'taps_vjp' or 'lax' (see ``ops``).
+      separable_order: 'depthwise_first' (Keras/TF, default) or 'pointwise_first'.
+      channels_per_group: of the spatial conv: 1 depthwise (default), g grouped, -1 regular.
       bn_momentum, bn_epsilon: of that BatchNorm (Keras convention: running = m * running + ...).
     """
 
@@ -174,6 +231,8 @@ class SeparableConv(nn.Module):
     intermediate_activation: str | None = None
     depthwise_norm: bool = False
     depthwise_impl: str = "auto"
+    separable_order: str = "depthwise_first"
+    channels_per_group: int = 1
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     dtype: Dtype = jnp.float32
@@ -182,17 +241,26 @@ class SeparableConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Apply to NHWC ``x``; ``train`` only matters with ``depthwise_norm``."""
+        check_separable_order(self.separable_order)
         act = get_activation(self.intermediate_activation)
-        x = DepthwiseConv(
+        spatial = DepthwiseConv(
             kernel_size=self.kernel_size,
             strides=self.strides,
             dilation=self.dilation,
             padding=self.padding,
+            channels_per_group=self.channels_per_group,
             impl=self.depthwise_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="depthwise",
-        )(x)
+        )
+        pointwise = PointwiseConv(
+            self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="pointwise"
+        )
+        first, second = (spatial, pointwise)
+        if self.separable_order == "pointwise_first":
+            first, second = (pointwise, spatial)
+        x = first(x)
         if self.depthwise_norm:
             x = BatchNorm(
                 use_running_average=not train,
@@ -200,10 +268,8 @@ class SeparableConv(nn.Module):
                 epsilon=self.bn_epsilon,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                name="depthwise_bn",
+                name=f"{first.name}_bn",
             )(x)
         if act is not None:
             x = act(x)
-        return PointwiseConv(
-            self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="pointwise"
-        )(x)
+        return second(x)

@@ -210,6 +210,81 @@ def depthwise_conv(
     return _depthwise_taps(x, kernel, (sh, sw), (dh, dw), pads)
 
 
+def grouped_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    impl: str = "auto",
+) -> jax.Array:
+    """Grouped 2-D convolution of NHWC ``x`` with kernel ``(kh, kw, g, C)``: ``C // g`` groups.
+
+    Each group maps ``g`` consecutive input channels to the same ``g`` output channels (the
+    kernel layout of ``lax.conv_general_dilated(feature_group_count=C // g)``). ``g == 1`` is
+    the depthwise conv (``depthwise_conv`` with the same ``impl``); ``g == C`` a dense conv.
+
+    Args:
+      x: input, ``[B, H, W, C]``.
+      kernel: ``[kh, kw, g, C]`` with ``g`` dividing ``C``.
+      strides, dilation, padding: as ``depthwise_conv``.
+      impl: 'taps', 'taps_vjp', 'lax' or 'auto'. For ``g > 1`` both taps names give the taps
+        form with JAX's own backward (one batched matmul per kernel tap): no hand-written
+        backward serves grouped convs.
+
+    Returns:
+      ``[B, H', W', C]`` in the result dtype of ``x`` and ``kernel``.
+    """
+    impl = resolve_impl("depthwise", impl)
+    if x.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(
+            f"grouped_conv wants x [B,H,W,C] and kernel [kh,kw,g,C]; got {x.shape} and "
+            f"{kernel.shape}."
+        )
+    kh, kw, g, c = kernel.shape
+    if c != x.shape[-1] or c % g:
+        raise ValueError(
+            f"Grouped kernel {kernel.shape} does not fit input channels {x.shape[-1]}: expected "
+            f"(kh, kw, g, {x.shape[-1]}) with g dividing {x.shape[-1]}."
+        )
+    if g == 1:
+        return depthwise_conv(
+            x, kernel, strides=strides, dilation=dilation, padding=padding, impl=impl
+        )
+    sh, sw = _pair(strides, "strides")
+    dh, dw = _pair(dilation, "dilation")
+    pads = _spatial_pads(x.shape, (kh, kw), (sh, sw), (dh, dw), padding)
+    if impl == "lax":
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(sh, sw),
+            padding=pads,
+            rhs_dilation=(dh, dw),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=c // g,
+        )
+    return _grouped_taps(x, kernel, (sh, sw), (dh, dw), pads)
+
+
+def _grouped_taps(x, kernel, strides, dilation, pads):
+    """Sum over the kernel taps of a strided, dilated slice times that tap's per-group matrix."""
+    kh, kw, g, c = kernel.shape
+    groups = c // g
+    out_dtype = jnp.result_type(x, kernel)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    # Output channel o belongs to group o // g: (g_in, C) -> (groups, g_in, g_out).
+    w = kernel.reshape(kh, kw, g, groups, g).transpose(0, 1, 3, 2, 4)
+    total = None
+    for (i, j), tap in _window_taps(xp, kh, kw, strides, dilation, "grouped conv"):
+        t = tap.reshape(*tap.shape[:3], groups, g)
+        # One batched matmul per tap, accumulated in float32 under bf16 compute like a conv.
+        y = jnp.einsum("bhwki,kio->bhwko", t, w[i, j], preferred_element_type=jnp.float32)
+        total = y if total is None else total + y
+    return total.reshape(*total.shape[:3], c).astype(out_dtype)
+
+
 def _window_taps(xp, kh, kw, strides, dilation, what: str):
     """The ``kh*kw`` strided, dilated slices of padded ``xp`` that a sliding window reads."""
     (sh, sw), (dh, dw) = strides, dilation

@@ -17,8 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
-from xception_jax.model import ops
+from xception_jax.model import layers, ops
 from xception_jax.model.xception import Xception, XceptionAligned
 from xception_jax.platform.errors import UsageError
 
@@ -70,7 +71,62 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     for key in ("dtype", "param_dtype"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = jnp.dtype(kwargs[key])
-    return cls(**kwargs)
+    model = cls(**kwargs)
+    check_model_fields(model, name)
+    return model
+
+
+def check_model_fields(model: nn.Module, name: str | None = None) -> None:
+    """Raise UsageError, naming the values it can take, for a research switch the model refuses.
+
+    Checked here, before anything is traced or compiled: ``separable_order``, and
+    ``channels_per_group``, which must divide the spatial conv of every separable conv.
+    """
+    layers.check_separable_order(model.separable_order)
+    g = model.channels_per_group
+    layers.check_channels_per_group(g)
+    if g in (1, -1):  # Every width takes these: no shapes to look at.
+        return
+    choices = channels_per_group_choices(model)
+    if g not in choices:
+        widths = spatial_conv_channels(model)
+        raise UsageError(
+            f"channels_per_group={g} does not divide the spatial conv of every separable conv of "
+            f"model {name or type(model).__name__!r} (their channel counts: {widths}); use one "
+            f"of {choices} (1: depthwise, -1: a regular 3x3 conv)."
+        )
+
+
+def check_pretrainable(fields: dict[str, Any], source: str) -> None:
+    """Raise UsageError when model ``fields`` set a research switch that ``source``'s weights
+    (Keras, timm: depthwise-first depthwise separable convs) cannot fill."""
+    order = fields.get("separable_order", "depthwise_first")
+    g = fields.get("channels_per_group", 1)
+    if order != "depthwise_first" or g != 1:
+        raise UsageError(
+            f"{source} weights are depthwise-first depthwise separable convs; they cannot fill "
+            f"separable_order={order!r}, channels_per_group={g!r}. Use separable_order="
+            "'depthwise_first' and channels_per_group=1 (the defaults), or train from scratch."
+        )
+
+
+def spatial_conv_channels(model: nn.Module) -> list[int]:
+    """The distinct channel counts of the separable convs' spatial convs, ascending.
+
+    Depthwise-first convs filter their input channels, pointwise-first ones their output
+    channels. Read from the variables' shapes (``jax.eval_shape``: nothing is computed).
+    """
+    depthwise = model.clone(channels_per_group=1)
+    shapes = abstract_variables(depthwise, max(depthwise.min_input_size, 32))
+    flat = traverse_util.flatten_dict(dict(shapes["params"]))
+    return sorted({v.shape[-1] for k, v in flat.items() if k[-2:] == ("depthwise", "kernel")})
+
+
+def channels_per_group_choices(model: nn.Module) -> list[int]:
+    """The ``channels_per_group`` values the model takes: common divisors of its spatial convs'
+    channel counts (1 = depthwise), then -1 (a regular conv)."""
+    common = functools.reduce(math.gcd, spatial_conv_channels(model))
+    return [d for d in range(1, common + 1) if common % d == 0] + [-1]
 
 
 def count_params(tree: Any) -> int:
@@ -98,3 +154,20 @@ def abstract_variables(model: nn.Module, image_size: int):
     """Shapes and dtypes of the model's variables, without computing anything."""
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+
+def forward_cost(model: nn.Module, image_size: int) -> dict[str, float]:
+    """Parameter count and forward GFLOPs per image of ``model`` at ``image_size``.
+
+    The FLOPs are XLA's cost analysis of the lowered inference forward pass of one image, with
+    every op in its ``lax`` form (the one TPU and GPU run; the CPU forms compute the same
+    values), so that the figure is the network's and not an implementation's. Nothing is
+    compiled: the lowered program is analysed.
+    """
+    model = model.clone(**{f"{op}_impl": "lax" for op in ops.IMPLS})
+    variables = abstract_variables(model, image_size)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    lowered = jax.jit(functools.partial(model.apply, train=False)).lower(variables, x)
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # Older JAX: one dict per computation.
+    return {"params": count_params(variables["params"]), "gflops": float(cost["flops"]) / 1e9}

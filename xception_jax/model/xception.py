@@ -22,7 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from xception_jax.model import ops
-from xception_jax.model.layers import BatchNorm, Conv, PointwiseConv, SeparableConv, get_activation
+from xception_jax.model.layers import (
+    BatchNorm,
+    Conv,
+    PointwiseConv,
+    SeparableConv,
+    check_channels_per_group,
+    check_separable_order,
+    get_activation,
+)
 
 Dtype = Any
 
@@ -78,6 +86,11 @@ class _XceptionBase(nn.Module):
     # (nn.remat around the block; same values and gradients; about one more forward pass of
     # compute). The memory per image this saves on TPU is in docs/memory.md.
     remat_blocks: bool = False
+    # The paper's open questions (section 2) as switches of every separable conv (stem convs
+    # unaffected): the order of its halves, and the channels per independent segment of its
+    # spatial conv (1 depthwise, g grouped, -1 regular). The defaults are Keras's model.
+    separable_order: str = "depthwise_first"
+    channels_per_group: int = 1
 
     def _remat_block(self, fn, x, *args):
         """``fn(self, x, *args)`` (a block), recomputed in the backward pass if remat_blocks.
@@ -91,6 +104,8 @@ class _XceptionBase(nn.Module):
 
     def _check(self, x: jax.Array) -> None:
         get_activation(self.intermediate_activation)  # fails early on a bad name
+        check_separable_order(self.separable_order)
+        check_channels_per_group(self.channels_per_group)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
         if self.include_top and self.pooling is None:
@@ -145,6 +160,8 @@ class _XceptionBase(nn.Module):
         return cls(
             self._ch(features),
             depthwise_impl=self.depthwise_impl,
+            separable_order=self.separable_order,
+            channels_per_group=self.channels_per_group,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
             dtype=self.dtype,
@@ -205,6 +222,11 @@ class Xception(_XceptionBase):
       min_input_size: smallest accepted height/width (Keras: 71).
       remat: recompute separable convs' inner activations in the backward pass (less memory).
       remat_blocks: recompute every block from its input in the backward pass (least memory).
+      separable_order: 'depthwise_first' (Keras, default) or 'pointwise_first' (1x1 to the
+        output width, then the spatial conv on the output channels; the paper's question (c)).
+      channels_per_group: channels per segment of every separable conv's spatial conv: 1
+        depthwise (default), g grouped (g must divide every such conv's channels,
+        ``registry.channels_per_group_choices``), -1 a regular 3x3 conv (question (d)).
       pool_padding: the max-pools' padding, 'SAME' (TensorFlow's, as Keras: (0, 1) on an even
         size) or 'symmetric' (1 on every side, as PyTorch and timm's ``legacy_xception``).
     """

@@ -171,6 +171,12 @@ def pretrained_errors(config: ml_collections.ConfigDict) -> list[str]:
     for field, path in given.items():
         if not storage.exists(path):
             errors.append(f"config.{field}={path!r} does not exist.")
+    for field, source in (("init_from_keras", "Keras"), ("init_from_timm", "timm")):
+        if given.get(field):
+            try:
+                registry.check_pretrainable(dict(config.model), source)
+            except ValueError as e:
+                errors.append(f"config.{field}: {e}")
     if given.get("init_from_timm") and config.model.name not in timm_weights.VARIANTS:
         errors.append(
             f"config.init_from_timm needs config.model.name to be the file's timm variant, one "

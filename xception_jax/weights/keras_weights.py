@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xception_jax.model import registry
 from xception_jax.model.xception import Xception
 from xception_jax.platform import storage
 from xception_jax.platform.errors import FileFormatError
@@ -486,6 +487,7 @@ def load_model(path: str, **overrides: Any) -> tuple[Xception, dict[str, Any]]:
     change parameter shapes (``width_multiplier``, ``middle_blocks``, ``num_classes``) must agree
     with the file.
     """
+    registry.check_pretrainable(overrides, "Keras")
     variables, cfg = _load(path, overrides.get("include_top"))
     cfg = dict(cfg)
     if overrides.get("include_top") is False:

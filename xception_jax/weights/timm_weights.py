@@ -219,6 +219,7 @@ def load_model(path: str, name: str, **overrides: Any) -> tuple[Any, dict[str, A
     ``overrides`` set other model fields (e.g. ``output_stride=16`` for the aligned variants,
     ``dtype``, ``include_top=False``); the number of classes comes from the file.
     """
+    registry.check_pretrainable(overrides, "timm")
     variables = load(path, name, include_top=overrides.get("include_top"))
     fields = dict(overrides)
     if "predictions" in variables["params"]:
