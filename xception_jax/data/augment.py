@@ -190,7 +190,8 @@ def sharpness(image, factor):
     smooth = tf.clip_by_value(tf.round(smooth), 0.0, 255.0)
     inner = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    border = tf.pad(tf.zeros([h - 2, w - 2, 1], tf.bool), [[1, 1], [1, 1], [0, 0]], "CONSTANT", True)
+    inner_mask = tf.zeros([h - 2, w - 2, 1], tf.bool)
+    border = tf.pad(inner_mask, [[1, 1], [1, 1], [0, 0]], "CONSTANT", True)
     degenerate = tf.where(border, x[0], inner)
     return _blend(degenerate, image, factor)
 
@@ -299,9 +300,7 @@ def apply_op(image, name, level, sign=1.0):
 
 def _apply_op_index(image, index, level, sign):
     """Op OPS[index] (a scalar tensor): only the chosen branch runs."""
-    branches = [
-        (lambda name=name: _op_fn(name)(image, level, sign)) for name in OPS
-    ]
+    branches = [(lambda name=name: _op_fn(name)(image, level, sign)) for name in OPS]
     out = tf.switch_case(index, branches)
     return tf.ensure_shape(out, image.shape)
 
@@ -449,7 +448,10 @@ def augment_fn(config):
         policy_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         if layers > 0:
             image = rand_augment(
-                image, policy_seed, num_layers=layers, magnitude=magnitude,
+                image,
+                policy_seed,
+                num_layers=layers,
+                magnitude=magnitude,
                 magnitude_std=magnitude_std,
             )
         elif policy:

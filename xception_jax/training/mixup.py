@@ -75,6 +75,11 @@ def mix(images, targets, lam, use_cutmix, box):
     return images, targets, lam
 
 
+def _beta(key, alpha: float):
+    """A Beta(alpha, alpha) draw; 1 (no mixing) where alpha is 0."""
+    return jax.random.beta(key, alpha, alpha) if alpha > 0 else jnp.float32(1.0)
+
+
 def sample(rng, config, height: int, width: int):
     """(lam, use_cutmix, box) of one batch, drawn from `rng` as timm's _params_per_batch."""
     mixup_alpha = float(field(config, "mixup_alpha", 0.0))
@@ -86,8 +91,8 @@ def sample(rng, config, height: int, width: int):
         use_cutmix = jax.random.uniform(k_switch) < switch
     else:
         use_cutmix = jnp.asarray(cutmix_alpha > 0)
-    lam_mixup = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
-    lam_cutmix = jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+    lam_mixup = _beta(k_mixup, mixup_alpha)
+    lam_cutmix = _beta(k_cutmix, cutmix_alpha)
     lam = jnp.where(use_cutmix, lam_cutmix, lam_mixup).astype(jnp.float32)
     applied = jax.random.uniform(k_apply) < prob
     # Not applied: lam = 1, which leaves the batch as it is (timm returns early).

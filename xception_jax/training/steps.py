@@ -97,7 +97,11 @@ def accumulated_grads(state: TrainState, batch, rng, *, model, config):
         images = _model_input(micro["image"], model.dtype)
         rng_i = jax.random.fold_in(rng, micro["index"])
         (loss, (logits, batch_stats)), grads = grad_fn(
-            state.params, batch_stats, images, micro.get("target", micro["label"]), rng_i,
+            state.params,
+            batch_stats,
+            images,
+            micro.get("target", micro["label"]),
+            rng_i,
             state.step,
         )
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
