@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from xception_jax import cli
 from xception_jax.platform import storage
+from xception_jax.training import recipes
 
 # name -> list of (variant name, {dotted config field: value}).
 SWEEPS: dict[str, list[tuple[str, dict]]] = {
@@ -43,6 +44,17 @@ SWEEPS: dict[str, list[tuple[str, dict]]] = {
         (f"act_{a}", {"model.intermediate_activation": a}) for a in ("none", "elu", "relu")
     ],
 }
+# The paper's recipe against the modern RandAugment recipe (xception_jax.training.recipes),
+# crossed with residual connections: do they matter as much under stronger regularisation?
+# Without residual connections there is no branch for drop path to drop: it is off there.
+SWEEPS["recipe"] = [
+    (
+        f"{recipe}-{rn}",
+        {**fields, **rv, **({} if rv["model.residual"] else {"model.drop_path_rate": 0.0})},
+    )
+    for recipe, fields in recipes.RECIPES.items()
+    for rn, rv in SWEEPS["residual"]
+]
 SWEEPS["all"] = [
     (f"{rn}-{an}", {**rv, **av})
     for (rn, rv), (an, av) in itertools.product(SWEEPS["residual"], SWEEPS["activation"])

@@ -62,7 +62,7 @@ def mix(images, targets, lam, use_cutmix, box):
     """
     flipped = images[::-1]
     height, width = images.shape[1], images.shape[2]
-    y_lo, y_hi, x_lo, x_hi = box
+    y_lo, y_hi, x_lo, x_hi = (jnp.asarray(v, jnp.int32) for v in box)
     ys = jnp.arange(height)[:, None]
     xs = jnp.arange(width)[None, :]
     inside = (ys >= y_lo) & (ys < y_hi) & (xs >= x_lo) & (xs < x_hi)
