@@ -2,7 +2,6 @@
 the checks of bad values. Determinism with every augmentation on (resume, process counts,
 replay) is checked by the runs of tests/test_faults.py and tests/test_multihost.py."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
