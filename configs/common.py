@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.depthwise_impl = "auto"  # 'taps_vjp' | 'taps' | 'lax'
     config.model.conv_impl = "auto"  # The stem convs: 'im2col' | 'lax'
     config.model.pool_impl = "auto"  # The max-pools: 'taps_vjp' | 'lax'
+    # Stochastic depth: each residual block's branch dropped per example in training, the rate
+    # linear in depth up to this (timm's rule); 0: off. Needs residual=True.
+    config.model.drop_path_rate = 0.0
     config.half_precision = False  # bfloat16 compute, float32 params.
 
     # Data (xception_jax.data).
@@ -47,6 +50,21 @@ def base_config() -> ml_collections.ConfigDict:
     config.random_flip = True
     # Records in the shuffle buffers of all shards together (each shard shuffles with
     # shuffle_buffer / data_shards of them; a process holds its own shards' buffers).
+    # Augmentation beyond the crop and flip (docs/modern_recipes.md); every one off by default.
+    # Per example, in tf.data on the uint8 crop, seeded by the example's place in the data order
+    # (xception_jax.data.augment): timm's RandAugment or AutoAugment, then random erasing.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.randaugment_layers = 0  # Ops per image (timm's n); 0: off.
+    config.augment.randaugment_magnitude = 9.0  # 0..10 (timm's m).
+    config.augment.randaugment_magnitude_std = 0.0  # Per-op N(m, std) (timm's mstd); inf: U(0, m).
+    config.augment.autoaugment = ""  # '' (off) | 'imagenet' (AutoAugment's ImageNet policy).
+    config.augment.random_erasing = 0.0  # Probability per image (timm's 'pixel' mode).
+    # Per global batch, on the device inside the train step (xception_jax.training.mixup), drawn
+    # from the step's rng, soft targets (config.label_smoothing folded in): timm's Mixup.
+    config.augment.mixup_alpha = 0.0  # Beta(alpha, alpha) lambda of mixup; 0: off.
+    config.augment.cutmix_alpha = 0.0  # Beta(alpha, alpha) lambda of CutMix; 0: off.
+    config.augment.mixup_prob = 1.0  # Probability that a batch is mixed at all.
+    config.augment.mixup_switch_prob = 0.5  # With both on: probability of CutMix over mixup.
     config.shuffle_buffer = 16_384
     # Fixed logical shards of the training data (xception_jax.data.shards): each is read in its
     # own order, fixed by the seed, and every step takes batch_size / data_shards examples from

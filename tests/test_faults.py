@@ -89,6 +89,15 @@ def assert_bitwise_equal(a, b):
 # --------------------------------------------------------------------------------------------
 
 KILL_STEPS = 8
+# train.py overrides (procs.small_overrides) turning on every augmentation but the policy.
+EVERY_AUGMENTATION = {
+    "augment.random_erasing": 0.5,
+    "augment.mixup_alpha": 0.8,
+    "augment.cutmix_alpha": 1.0,
+    "augment.mixup_switch_prob": 0.5,
+    "model.drop_path_rate": 0.2,
+    "label_smoothing": 0.1,
+}
 
 
 def test_sigkill_at_three_moments_then_rerun_equals_the_uninterrupted_run(
@@ -107,6 +116,10 @@ def test_sigkill_at_three_moments_then_rerun_equals_the_uninterrupted_run(
                 # The accumulated step (a lax.scan over 2 microbatches): its resume is covered
                 # too, and the plain step's by test_train.test_resume_equals_uninterrupted_run.
                 grad_accum_steps=2,
+                # Every augmentation on (AutoAugment here, RandAugment in test_multihost): the
+                # per-example draws follow the data order, mixing and drop path the step's rng.
+                **EVERY_AUGMENTATION,
+                augment__autoaugment="imagenet",
             ),
         ]
 

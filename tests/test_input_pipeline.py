@@ -353,5 +353,10 @@ def test_a_resume_names_what_changes_its_data_order():
     ]
     config.num_train_steps = 10  # where a run stops is not its data order
     assert len(shards.order_changes(stored, config)) == 2
+    # Augmentation changes the batches; a checkpoint from before config.augment had it off.
+    del stored["augment"]
+    assert len(shards.order_changes(stored, config)) == 2
+    config.augment.randaugment_layers = 2
+    assert shards.order_changes(stored, config)[-1] == "config.augment.randaugment_layers: 0 -> 2"
     del stored["data_shards"]  # a checkpoint from before data_shards
     assert "predates config.data_shards" in shards.order_changes(stored, config)[0]

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 import procs
 import pytest
+from test_faults import EVERY_AUGMENTATION
 from test_train import assert_trees_close, read_metrics
 
+from configs import default
 from xception_jax.data import feeding, pipeline
 from xception_jax.platform import sharding
 from xception_jax.training import checkpoints, replay
@@ -33,6 +35,15 @@ TIMEOUT = 480
 STEPS = 5
 STOP = 3  # where the 2-process run stops and the 1-process run takes over
 RESUMED_FROM = 2  # the 1-process checkpoint the preempted 2-process job starts from
+
+
+# Every augmentation on (RandAugment here, AutoAugment in test_faults' kill and rerun): the same
+# global batches, resume and replay must hold with them (issue 24).
+AUGMENTATION = {
+    **EVERY_AUGMENTATION,
+    "augment.randaugment_layers": 2,
+    "augment.randaugment_magnitude_std": 0.5,
+}
 
 
 @pytest.fixture
@@ -58,6 +69,7 @@ def noise_args(folder, workdir, num_train_steps):
             max_checkpoints_to_keep=STEPS,
             log_every_steps=1,
             eval_every_steps=1000,
+            **AUGMENTATION,
         ),
     ]
 
@@ -158,6 +170,10 @@ def test_two_processes_and_one_process_train_on_the_same_global_batches(
     # augmentation (per-example fingerprints), step by step.
     config = data_config(
         dataset="image_folder", image_folder=noise_image_folder, image_size=32, batch_size=16
+    )
+    config.augment = default.get_config().augment
+    config.augment.update(
+        {k.partition(".")[2]: v for k, v in AUGMENTATION.items() if k.startswith("augment.")}
     )
     for step in range(STOP):
         parts = [

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from xception_jax import cli
 from xception_jax.platform import errors, storage
+from xception_jax.training import recipes
 
 # name -> list of (variant name, {dotted config field: value}).
 SWEEPS: dict[str, list[tuple[str, dict]]] = {
@@ -54,6 +55,17 @@ SWEEPS["segments"] = [(f"cpg{g}", {"model.channels_per_group": g}) for g in (1, 
 SWEEPS["segments_residual"] = [
     (f"{sn}-{rn}", {**sv, **rv})
     for (sn, sv), (rn, rv) in itertools.product(SWEEPS["segments"], SWEEPS["residual"])
+]
+# The paper's recipe against the modern RandAugment recipe (xception_jax.training.recipes),
+# crossed with residual connections: do they matter as much under stronger regularisation?
+# Without residual connections there is no branch for drop path to drop: it is off there.
+SWEEPS["recipe"] = [
+    (
+        f"{recipe}-{rn}",
+        {**fields, **rv, **({} if rv["model.residual"] else {"model.drop_path_rate": 0.0})},
+    )
+    for recipe, fields in recipes.RECIPES.items()
+    for rn, rv in SWEEPS["residual"]
 ]
 SWEEPS["all"] = [
     (f"{rn}-{an}", {**rv, **av})

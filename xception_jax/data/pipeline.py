@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from xception_jax.data import order, preprocessing, sources
+from xception_jax.data import augment, order, preprocessing, sources
 
 
 def _processes(process_index, process_count):
@@ -98,7 +98,7 @@ def train_iterator(
     process_index, process_count = _processes(process_index, process_count)
     records, split, layout = order.train_records(config, start_step, process_index, process_count)
     seed = int(sources.config_field(config, "seed", 0))
-    augment = functools.partial(
+    crop = functools.partial(
         preprocessing.preprocess_train,
         image_size=int(config.image_size),
         area_range=tuple(sources.config_field(config, "crop_area_range", (0.08, 1.0))),
@@ -106,12 +106,18 @@ def train_iterator(
         random_flip=bool(sources.config_field(config, "random_flip", True)),
     )
 
+    extra = augment.augment_fn(config)  # RandAugment / AutoAugment / erasing; None: all off
+
     def process(element):
         example = split.load(element["record"])
         example_seed = order.example_seed(
             seed, element["shard"], element["position"], layout.num_shards
         )
-        return {"image": augment(example["image"], example_seed), "label": example["label"]}
+        image = crop(example["image"], example_seed)
+        if extra is not None:
+            # A seed of its own, derived from the example's: the crop's draws stay as they were.
+            image = extra(image, tf.random.experimental.stateless_fold_in(example_seed, 24))
+        return {"image": image, "label": example["label"]}
 
     ds = records.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(layout.local_batch, drop_remainder=True)

@@ -13,6 +13,18 @@ import math
 
 # Config fields that decide which examples each step sees and how they are augmented: a resume
 # that changes one of them no longer continues the run's data order.
+# config.augment's fields and the values that turn each off (configs/common.py's defaults).
+AUGMENT_OFF = {
+    "randaugment_layers": 0,
+    "randaugment_magnitude": 9.0,
+    "randaugment_magnitude_std": 0.0,
+    "autoaugment": "",
+    "random_erasing": 0.0,
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+    "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5,
+}
 ORDER_FIELDS = (
     "dataset",
     "train_split",
@@ -106,4 +118,11 @@ def order_changes(stored: dict, config) -> list[str]:
             new = list(new)
         if old != new:
             changes.append(f"config.{field}: {old!r} -> {new!r}")
+    # config.augment changes what each step trains on too; a checkpoint written before it
+    # existed trained with every augmentation off (AUGMENT_OFF).
+    stored_augment, augment = stored.get("augment") or {}, config.get("augment") or {}
+    for field, off in AUGMENT_OFF.items():
+        old, new = stored_augment.get(field, off), augment.get(field, off)
+        if old != new:
+            changes.append(f"config.augment.{field}: {old!r} -> {new!r}")
     return changes

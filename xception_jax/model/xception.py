@@ -54,6 +54,17 @@ def round_channels(channels: int, width_multiplier: float, divisor: int = 8) -> 
     return max(divisor, int(channels * width_multiplier / divisor + 0.5) * divisor)
 
 
+def check_drop_path(rate: float, residual: bool) -> None:
+    """Raises ValueError for a drop path rate outside [0, 1), or any with residual=False."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"drop_path_rate={rate} must be in [0, 1) (0: off).")
+    if rate > 0 and not residual:
+        raise ValueError(
+            f"drop_path_rate={rate} needs residual=True: stochastic depth drops a block's "
+            "residual branch, and residual=False has none to drop. Set drop_path_rate=0."
+        )
+
+
 class _XceptionBase(nn.Module):
     """Fields, input checks, BatchNorm and head shared by both Xception families."""
 
@@ -91,6 +102,23 @@ class _XceptionBase(nn.Module):
     # spatial conv (1 depthwise, g grouped, -1 regular). The defaults are Keras's model.
     separable_order: str = "depthwise_first"
     channels_per_group: int = 1
+    # Stochastic depth (Huang et al. 2016) as timm: in training, each residual block's branch
+    # is dropped for a whole example with probability rate_i (the survivors scaled by
+    # 1 / (1 - rate_i)), rate_i growing linearly with depth from 0 at the first block of the
+    # body to drop_path_rate at the last; needs rngs={'dropout': key}. Off in evaluation.
+    drop_path_rate: float = 0.0
+
+    def _block_drop_rate(self, index: int, num_blocks: int) -> float:
+        """timm's linear rule: drop_path_rate * index / (num_blocks - 1)."""
+        return self.drop_path_rate * index / max(num_blocks - 1, 1)
+
+    def _drop_path(self, y: jax.Array, rate: float, train: bool) -> jax.Array:
+        """y with whole examples zeroed with probability `rate` (and kept ones scaled)."""
+        if not train or rate <= 0:
+            return y
+        keep = 1.0 - rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0], 1, 1, 1))
+        return jnp.where(mask, y / jnp.asarray(keep, y.dtype), jnp.zeros_like(y))
 
     def _remat_block(self, fn, x, *args):
         """``fn(self, x, *args)`` (a block), recomputed in the backward pass if remat_blocks.
@@ -106,6 +134,7 @@ class _XceptionBase(nn.Module):
         get_activation(self.intermediate_activation)  # fails early on a bad name
         check_separable_order(self.separable_order)
         check_channels_per_group(self.channels_per_group)
+        check_drop_path(self.drop_path_rate, self.residual)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}.")
         if self.include_top and self.pooling is None:
@@ -227,6 +256,8 @@ class Xception(_XceptionBase):
       channels_per_group: channels per segment of every separable conv's spatial conv: 1
         depthwise (default), g grouped (g must divide every such conv's channels,
         ``registry.channels_per_group_choices``), -1 a regular 3x3 conv (question (d)).
+      drop_path_rate: stochastic depth of the residual blocks, linear in depth (timm's rule);
+        needs ``residual=True`` and, in training, ``rngs={'dropout': key}``.
       pool_padding: the max-pools' padding, 'SAME' (TensorFlow's, as Keras: (0, 1) on an even
         size) or 'symmetric' (1 on every side, as PyTorch and timm's ``legacy_xception``).
     """
@@ -283,7 +314,13 @@ class Xception(_XceptionBase):
         for j in range(1, 4):
             y = self._sep(728, f"block{block}_sepconv{j}")(ops.relu(y), train)
             y = self._bn(f"block{block}_sepconv{j}_bn", train)(y)
-        return x + y if self.residual else y
+        if not self.residual:
+            return y
+        return x + self._drop_path(y, self._paper_block_rate(block), train)
+
+    def _paper_block_rate(self, block: int) -> float:
+        """Drop path rate of block `block` (2 .. 6 + middle_blocks, the body's blocks)."""
+        return self._block_drop_rate(block - 2, self.middle_blocks + 5)
 
     def _exit_block(self, x, block: int, train: bool):
         """sep 1536, BN, ReLU, sep 2048, BN, ReLU (post-activation, no shortcut)."""
@@ -304,6 +341,7 @@ class Xception(_XceptionBase):
         y = ops.max_pool(y, 3, strides=2, padding=self._pool_pads(), impl=self.pool_impl)
         if not self.residual:
             return y
+        y = self._drop_path(y, self._paper_block_rate(block), train)
         return y + self._shortcut(shortcut, chs[-1], 2, f"block{block}", train)
 
 
@@ -359,8 +397,9 @@ class XceptionAligned(_XceptionBase):
                     s = 1
                 else:
                     stride *= s
+            rate = self._block_drop_rate(idx, len(plan))
             x = self._remat_block(
-                type(self)._block, x, name, chs, s, block_dilation, start_relu, skip, train
+                type(self)._block, x, name, chs, s, block_dilation, start_relu, skip, rate, train
             )
             if idx < e:
                 feats[name] = x
@@ -372,7 +411,7 @@ class XceptionAligned(_XceptionBase):
         out = self._head(x, train, feats)
         return feats if return_features else out
 
-    def _block(self, x, name, chs, stride, dilation, start_relu, skip, train):
+    def _block(self, x, name, chs, stride, dilation, start_relu, skip, drop_rate, train):
         """Three separable convs (stride on the third) with BN after depthwise and pointwise."""
         shortcut = x
         pad = ((dilation, dilation), (dilation, dilation))  # symmetric (k-1)*d/2 for k=3
@@ -395,4 +434,4 @@ class XceptionAligned(_XceptionBase):
             return x
         if self._ch(chs[-1]) != shortcut.shape[-1] or stride != 1:
             shortcut = self._shortcut(shortcut, chs[-1], stride, name, train)
-        return x + shortcut
+        return self._drop_path(x, drop_rate, train) + shortcut

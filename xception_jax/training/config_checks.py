@@ -143,6 +143,7 @@ def validate(
             f"out as <root>/<split>/<class name>/<image>; got {folder!r}, which "
             + ("is not set." if not folder else "is not a directory.")
         )
+    errors += augment_errors(config)
     errors += dataset_errors(config)
     if info is not None and info.num_classes < 2:
         errors.append(f"Dataset {config.dataset!r} has {info.num_classes} classes; need >= 2.")
@@ -237,3 +238,63 @@ def grad_accum_errors(config: ml_collections.ConfigDict, devices: int, processes
         f"{shards.suggested_batch(batch, train_batch_unit(config, devices))}, or "
         f"grad_accum_steps={max(fits)}."
     ]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def augment_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """config.augment and config.model.drop_path_rate: each value in its range, one policy."""
+    from xception_jax.data import augment
+
+    errors = []
+    block = config.get("augment") or {}
+
+    def get(name, default):
+        return block.get(name, default)
+
+    layers = get("randaugment_layers", 0)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        errors.append(
+            f"config.augment.randaugment_layers={layers!r} must be an integer >= 0 (0: off; "
+            "timm's recipes use 2)."
+        )
+    ranges = {
+        # field: (default, low, high, what the values mean)
+        "randaugment_magnitude": (9.0, 0.0, 10.0, "RandAugment's 0..10 scale"),
+        "random_erasing": (0.0, 0.0, 1.0, "a probability; 0: off"),
+        "mixup_prob": (1.0, 0.0, 1.0, "a probability"),
+        "mixup_switch_prob": (0.5, 0.0, 1.0, "a probability"),
+    }
+    for name, (default, low, high, meaning) in ranges.items():
+        value = get(name, default)
+        if not _number(value) or not low <= value <= high:
+            errors.append(
+                f"config.augment.{name}={value!r} must be in [{low:g}, {high:g}] ({meaning})."
+            )
+    for name in ("randaugment_magnitude_std", "mixup_alpha", "cutmix_alpha"):
+        value = get(name, 0.0)
+        if not _number(value) or not value >= 0:  # (also refuses NaN)
+            errors.append(f"config.augment.{name}={value!r} must be >= 0 (0: off).")
+    policy = get("autoaugment", "")
+    if policy not in augment.POLICIES:
+        errors.append(
+            f"config.augment.autoaugment={policy!r} is not a policy: use one of "
+            f"{list(augment.POLICIES)} ('' is off)."
+        )
+    elif policy and isinstance(layers, int) and layers > 0:
+        errors.append(
+            f"config.augment.autoaugment={policy!r} and randaugment_layers={layers} are both "
+            "on: choose one (set randaugment_layers=0 or autoaugment='')."
+        )
+    rate = config.model.get("drop_path_rate", 0.0)
+    if not _number(rate) or not 0 <= rate < 1:
+        errors.append(f"config.model.drop_path_rate={rate!r} must be in [0, 1) (0: off).")
+    elif rate > 0 and not config.model.get("residual", True):
+        errors.append(
+            f"config.model.drop_path_rate={rate} needs config.model.residual=True: stochastic "
+            "depth drops a block's residual branch, and residual=False has none. Set "
+            "drop_path_rate=0 (allowed values with residual=False: 0 only)."
+        )
+    return errors

@@ -17,12 +17,18 @@ import optax
 
 from xception_jax.model import ops, xception
 from xception_jax.platform import sharding
-from xception_jax.training import optim
+from xception_jax.training import mixup, optim
 from xception_jax.training.train_state import TrainState
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-    """Per-example softmax cross-entropy with optional label smoothing."""
+    """Per-example softmax cross-entropy with optional label smoothing.
+
+    `labels` are int class ids [B], or soft targets [B, num_classes] (mixup/CutMix, which fold
+    the label smoothing in already: `label_smoothing` is then not applied again).
+    """
+    if labels.ndim == 2:
+        return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
@@ -54,6 +60,13 @@ def loss_fn(params, batch_stats, images, labels, rng, step, *, model, config):
     return loss.mean(), (logits, batch_stats)
 
 
+def _model_input(images, dtype):
+    """uint8 images scaled to [-1, 1]; images already scaled (float, mixed) cast to dtype."""
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images.astype(dtype)
+    return xception.preprocess(images, dtype)
+
+
 def microbatches(x: jax.Array, k: int) -> jax.Array:
     """``[B, ...]`` -> ``[k, B/k, ...]``; microbatch j holds examples j, j + k, j + 2k, ...
 
@@ -81,10 +94,15 @@ def accumulated_grads(state: TrainState, batch, rng, *, model, config):
 
     def body(carry, micro):
         batch_stats, grad_sum, loss_sum, correct = carry
-        images = xception.preprocess(micro["image"], model.dtype)
+        images = _model_input(micro["image"], model.dtype)
         rng_i = jax.random.fold_in(rng, micro["index"])
         (loss, (logits, batch_stats)), grads = grad_fn(
-            state.params, batch_stats, images, micro["label"], rng_i, state.step
+            state.params,
+            batch_stats,
+            images,
+            micro.get("target", micro["label"]),
+            rng_i,
+            state.step,
         )
         grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
         correct = correct + jnp.sum(jnp.argmax(logits, -1) == micro["label"])
@@ -95,6 +113,8 @@ def accumulated_grads(state: TrainState, batch, rng, *, model, config):
         "label": microbatches(batch["label"], k),
         "index": jnp.arange(k),
     }
+    if "target" in batch:
+        micro["target"] = microbatches(batch["target"], k)
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     init = (state.batch_stats, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
     (batch_stats, grad_sum, loss_sum, correct), _ = jax.lax.scan(body, init, micro)
@@ -109,15 +129,29 @@ def train_step(state: TrainState, batch, *, model, tx, config) -> tuple[TrainSta
     and the update is made once from their mean gradient; k = 1 is the plain step.
     """
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    if mixup.is_on(config):
+        # The whole global batch is mixed (each example with its mirror in the batch) before
+        # any split into microbatches; the images are then float, already scaled.
+        images, targets = mixup.mix_batch(
+            xception.preprocess(batch["image"]), batch["label"], rng, config, model.num_classes
+        )
+        batch = {**batch, "image": images, "target": targets}
     if config.get("grad_accum_steps", 1) > 1:
         loss, accuracy, batch_stats, grads = accumulated_grads(
             state, batch, rng, model=model, config=config
         )
     else:
-        images = xception.preprocess(batch["image"], model.dtype)
+        images = _model_input(batch["image"], model.dtype)
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(
             functools.partial(loss_fn, model=model, config=config), has_aux=True
-        )(state.params, state.batch_stats, images, batch["label"], rng, state.step)
+        )(
+            state.params,
+            state.batch_stats,
+            images,
+            batch.get("target", batch["label"]),
+            rng,
+            state.step,
+        )
         accuracy = None
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
