@@ -10,8 +10,9 @@ A snippet is one of:
   tool named in prose;
 - `shell`: a ```bash block with no such command (set-up, benchmarks), whole.
 
-Fenced blocks of any other language than python, bash, text or none are an error: nothing
-runnable can hide in a block this parser does not read.
+Fenced blocks of any other language than python, bash, text or none are an error, and so is a
+command in an indented code block: nothing runnable can hide in a block this parser does not
+read.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ LANGUAGES = ("python", "bash", "text", "")
 COMMAND_START = re.compile(r"python (?:train\.py|-m xception_jax\.\w+)")
 _FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*$")
 _INLINE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
+_INDENTED_COMMAND = re.compile(r"^(?: {4,}|\t)\s*" + COMMAND_START.pattern)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,8 @@ def snippets(path: str) -> list[Snippet]:
     i = 0
     while i < len(lines):
         fence = _FENCE.match(lines[i])
+        if not fence and _INDENTED_COMMAND.match(lines[i]):
+            raise ValueError(f"{path}:{i + 1}: a command in an indented code block; use ```bash")
         if not fence:
             if lines[i].startswith("#"):
                 flush_prose()

@@ -12,12 +12,13 @@ Everything runs in a sandbox directory that looks like the repository to the com
 (configs/ and train.py link to the real ones, data/tfds to the digits that conftest prepared,
 docs/figures/ is an empty folder), so that relative paths work as written and nothing is
 written into the repository. What the examples name is made there once, on first use
-(Sandbox.MAKERS): `runs/default` by the main job's command itself (2 steps), Keras's and timm's
-weight files by Keras and timm (random weights), the images to classify, ImageNet prepared by
-the docs' own prepare_data command from conftest's fake ILSVRC2012 tars. `train.py` runs as a
-subprocess (in the background, while other tests run), the tools through their `main(argv)`
-(what `python -m` calls) in this process and the python blocks with exec, all with the sandbox
-as the working directory.
+(Sandbox.MAKERS): the runs they read (TRAINED: `runs/default`, `runs/ft`, ...) by the docs'
+own commands (2 steps), Keras's and timm's weight files by Keras and timm (random weights; a
+Keras 3 transfer model's `.keras` and `.weights.h5` too), the images to classify, ImageNet
+prepared by the docs' own prepare_data command from conftest's fake ILSVRC2012 tars. `train.py`
+runs as a subprocess (in the background, while other tests run), the tools through their
+`main(argv)` (what `python -m` calls) in this process and the python blocks with exec, all with
+the sandbox as the working directory.
 """
 
 from __future__ import annotations
@@ -54,6 +55,75 @@ MAIN_JOB = "python train.py --config configs/default.py --workdir runs/default"
 KERAS_FILE = "xception_weights_tf_dim_ordering_tf_kernels.h5"
 # The full Xception's smallest input: the examples with the full model run at it.
 SMALL = "--config.image_size=71"
+# docs/weights_in_and_out.md's fine-tune, the run its Keras exports read.
+FT_JOB = (
+    "python train.py --config configs/finetune.py --workdir runs/ft"
+    f" --config.init_from_keras={KERAS_FILE.replace('.h5', '_notop.h5')}"
+    " --config.image_folder=photos"
+)
+# docs/research_switches.md's runs with each switch, the order/segments curves read them.
+ORDER_JOB = (
+    "python train.py --config configs/default.py --workdir runs/pointwise_first"
+    " --config.model.separable_order=pointwise_first"
+)
+SEGMENTS_JOB = (
+    "python train.py --config configs/default.py --workdir runs/cpg4"
+    " --config.model.channels_per_group=4"
+)
+# The xception41 run that docs/weights_in_and_out.md exports to timm (no page trains one).
+X41_RUN = (
+    "train.py",
+    "--config",
+    "configs/default.py",
+    "--workdir",
+    "runs/x41",
+    "--config.model.name=xception41",
+    *TINY,
+    SMALL,
+)
+# The workdirs the examples read: trained by a command of the docs (its tiny form) or by an
+# argv of their own, in the background from the first test on (Sandbox.prestart).
+TRAINED = {
+    "runs/default": MAIN_JOB,
+    "runs/ft": FT_JOB,
+    "runs/pointwise_first": ORDER_JOB,
+    "runs/cpg4": SEGMENTS_JOB,
+    "runs/x41": X41_RUN,
+}
+
+
+def doc_table(path: str, header: str) -> str:
+    """The markdown table of `path` whose first line is `header`, as lines of text."""
+    with open(os.path.join(procs.REPO, path)) as f:
+        lines = f.read().splitlines()
+    start = lines.index(header)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(lines[start:end]) + "\n"
+
+
+# What docs/research_switches.md's python block prints: the table under it.
+COST_TABLE = doc_table(
+    "docs/research_switches.md",
+    "| separable_order | channels_per_group | parameters | GFLOPs / image (299 px) |",
+)
+# Keras 3 files of a transfer model, written by Keras (tests/keras_archives.py's Xception, at
+# its 80 px): `Sequential([Xception(include_top=False, pooling="avg"), Dense(2)])`, 2 classes
+# as the noise images, saved whole (`model.keras`) and as weights (`x.weights.h5`).
+_KERAS_ARCHIVE_SCRIPT = """
+import sys
+import keras
+import keras_archives
+import numpy as np
+
+keras.utils.set_random_seed(0)
+size = keras_archives.SIZE
+model = keras.Sequential(
+    [keras.Input((size, size, 3)), keras_archives.xception(pooling="avg"), keras.layers.Dense(2)]
+)
+keras_archives.randomise_batchnorms(model, np.random.default_rng(0))
+model.save(sys.argv[1] + "/model.keras")
+model.save_weights(sys.argv[1] + "/x.weights.h5")
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +142,7 @@ class Form:
     extra: arguments appended (tiny-form flags; later --config.x= flags win).
     setup: python run before a python block (binds its placeholders).
     needs: sandbox things made before it runs.
-    expect: text its output must contain.
+    expect: text its output must contain (a python block's: what it prints).
     process: a python block runs in a process of its own with one CPU device (else in this
       process, with the session's 8).
     """
@@ -99,12 +169,19 @@ FORMS = {
     "--config.image_folder=/data/mine": Form(  # At the main job's 48 px, not the config's 128.
         "train", subs=(("/data/mine", "{noise_folder}"),), extra=(*TINY, "--config.image_size=48")
     ),
-    "configs/finetune.py --workdir runs/finetune": Form(
-        "train",
+    FT_JOB: Form(
+        "train", subs=(("=photos", "={noise_folder}"),), extra=(*TINY, SMALL), needs=("keras",)
+    ),
+    "configs/finetune.py --workdir runs/finetune": Form(  # training.md's: the same fine-tune
+        "same_as",
         subs=(("/path/to/root", "{noise_folder}"),),
         extra=(*TINY, SMALL),
-        needs=("keras",),
+        same_as=FT_JOB,
     ),
+    ORDER_JOB: Form("train", extra=TINY),
+    # The grouped conv's CPU form compiles and runs slowly: at 32 px.
+    SEGMENTS_JOB: Form("train", extra=(*TINY, "--config.image_size=32")),
+    "--workdir runs/digits_augmented": Form("train", extra=TINY),
     "--workdir runs/imagenet --config.data_dir=gs://my-bucket/tfds": Form(
         "same_as",
         subs=(("configs/imagenet.py", "configs/default.py"), ("gs://my-bucket/tfds", "data/tfds")),
@@ -158,6 +235,54 @@ FORMS = {
         subs=(("runs/ablations/activation/*/seed*", "runs/default"),),
         needs=("runs/default", "runs/ablations/activation"),
     ),
+    "--sweep order --sweep_dir runs/order": Form(
+        "tool", extra=("--dry_run",), expect="--workdir=runs/order/pointwise_first/seed0"
+    ),
+    "--sweep segments --sweep_dir runs/segments": Form(
+        "tool", extra=("--dry_run",), expect="--workdir=runs/segments/regular/seed0"
+    ),
+    "--sweep segments_residual --sweep_dir runs/segments_residual": Form(
+        "tool",
+        extra=("--dry_run",),
+        expect="--workdir=runs/segments_residual/regular-no_residual/seed0",
+    ),
+    # The sweep's (dry) run: the recipe's four variants.
+    "--sweep recipe --sweep_dir runs/recipe --dry_run": Form(
+        "tool", expect="--workdir=runs/recipe/modern_ra-no_residual/seed0"
+    ),
+    # Two points of each sweep: the main job's run and the docs' run with the switch.
+    'curves "runs/order/*/seed*" --out runs/order/curves.png': Form(
+        "tool",
+        subs=(('"runs/order/*/seed*"', "runs/default runs/pointwise_first"),),
+        needs=("runs/default", "runs/pointwise_first"),
+        expect="separable_order=pointwise_first",
+    ),
+    'curves "runs/segments/*/seed*" --out runs/segments/curves.png': Form(
+        "tool",
+        subs=(('"runs/segments/*/seed*"', "runs/default runs/cpg4"),),
+        needs=("runs/default", "runs/cpg4"),
+        expect="channels_per_group=4",
+    ),
+    "--out docs/figures/research_order_curves.png": Form(
+        "tool",
+        subs=(('"runs/order/*/seed*"', "runs/default runs/pointwise_first"),),
+        needs=("runs/default", "runs/pointwise_first"),
+        expect="separable_order=pointwise_first",
+    ),
+    # ---- weight files out: the fine-tune's run (the `xception` model) to Keras, xception41 to
+    # timm (timm's file in its own folder: model.safetensors here is timm's xception65) ---------
+    "--workdir runs/ft --format keras --out model.keras": Form(
+        "tool", needs=("runs/ft",), expect="input 71 px"
+    ),
+    "--workdir runs/ft --format keras --out model.weights.h5": Form(
+        "tool", needs=("runs/ft",), expect="keras.applications.Xception(classes=2)"
+    ),
+    "--workdir runs/x41 --format timm --out model.safetensors": Form(
+        "tool",
+        subs=(("--out model.safetensors", "--out exports/model.safetensors"),),
+        needs=("runs/x41", "exports"),
+        expect="xception41",
+    ),
     # ---- tools on ImageNet and weight files: conftest's fake ILSVRC2012 tars ----------------
     "--data_dir ~/tensorflow_datasets --manual_dir ~/ilsvrc2012": Form(
         "tool",
@@ -189,6 +314,25 @@ FORMS = {
     f"predict --keras_weights {KERAS_FILE} cat.jpg": Form(
         "tool", extra=("--image_size=71",), needs=("keras", "images"), expect=" (n"
     ),
+    "predict --timm_weights model.safetensors --model xception65 cat.jpg": Form(
+        "tool", extra=("--image_size=71",), needs=("timm", "images"), expect=" (n"
+    ),
+    # Keras 3 files saved by Keras (a transfer model, 2 classes; Sandbox._keras_archive).
+    "predict --keras_weights model.keras --image_size 80 cat.jpg": Form(
+        "tool",
+        subs=(("model.keras", "{keras_archive}/model.keras"),),
+        needs=("images",),
+        expect="cat.jpg",
+    ),
+    "--keras_weights x.weights.h5 --config.image_folder=photos": Form(
+        "tool",
+        subs=(
+            ("x.weights.h5", "{keras_archive}/x.weights.h5"),
+            ("=photos", "={noise_folder}"),
+        ),
+        extra=("--config.image_size=80", "--config.eval_batch_size=8"),
+        expect='"count": 16',
+    ),
     # ---- aot: the commands' flags, configs and slices; no TPU compile in a test ------------
     "§ python -m xception_jax.aot ": Form("aot"),
     # ---- gs:// on Cloud TPU: tests/test_gcs.py runs each against the GCS emulator ----------
@@ -219,6 +363,12 @@ FORMS = {
     'export.deserialize(open("model.jaxexport", "rb").read())': Form(
         "python", needs=("model.jaxexport",)
     ),
+    'model, variables = xception_jax.load_keras("model.keras")': Form(
+        "python", subs=(('"model.keras"', '"{keras_archive}/model.keras"'),)
+    ),
+    'xception_jax.load("runs/ft")': Form("python", needs=("runs/ft",)),
+    "registry.forward_cost(model, 299)": Form("python", expect=COST_TABLE),
+    "config = modern_ra.get_config()": Form("python", expect="randaugment_layers: 2"),
     # ---- shell blocks without a command of this project ------------------------------------
     "git clone <this repository>": Form(
         "not_run", why="sets up TPU VMs with gcloud: needs a TPU and Google Cloud"
@@ -226,6 +376,11 @@ FORMS = {
     "python benchmarks/ops.py": Form(
         "not_run",
         why="benchmarks, run by hand (minutes each); tests/test_ops.py checks what they time",
+    ),
+    "python benchmarks/input_pipeline.py --augment": Form(
+        "not_run",
+        why="a benchmark, run by hand on the fake ImageNet JPEGs (minutes); tests/test_augment.py"
+        " checks the ops it times",
     ),
 }
 
@@ -287,6 +442,9 @@ def test_the_parser_finds_blocks_inline_commands_and_continuations(tmp_path, mon
     ]
     page.write_text("```sh\npython train.py\n```\n")
     with pytest.raises(ValueError, match="a ```sh block"):
+        doc_blocks.snippets("docs/page.md")
+    page.write_text("Train:\n\n    python train.py --config c\n")
+    with pytest.raises(ValueError, match="3: a command in an indented code block"):
         doc_blocks.snippets("docs/page.md")
 
 
@@ -355,11 +513,15 @@ class Sandbox:
             if item.module.__name__ == __name__ and item.originalname == "test_snippet"
         ]
         trains = [t for t in texts if FORMS[keys_of(snippet_of(t))[0]].how == "train"]
-        for text in sorted(trains, key=lambda t: t != MAIN_JOB):
-            form = form_of(text)
-            for name in form.needs:
-                self.need(name)
-            self.queue.append(tuple(tiny_argv(self, text, form)))
+        needed = [TRAINED[n] for t in texts for n in form_of(t).needs if n in TRAINED]
+        for run in sorted(dict.fromkeys(trains + needed), key=lambda t: t != MAIN_JOB):
+            if isinstance(run, str):  # A command of the docs.
+                form = form_of(run)
+                for name in form.needs:
+                    self.need(name)
+                run = tuple(tiny_argv(self, run, form))
+            if run not in self.queue and run not in self.procs:
+                self.queue.append(run)
             self.top_up()
 
     def start(self, argv: tuple) -> None:
@@ -406,9 +568,14 @@ class Sandbox:
 
     # -- makers --------------------------------------------------------------------------
 
-    def _main_job(self):
-        run_snippet_text(self, MAIN_JOB)
-        return self.path("runs/default")
+    def _trained(self, workdir):
+        """`workdir` of TRAINED, trained by its command."""
+        run = TRAINED[workdir]
+        if isinstance(run, str):
+            run_snippet_text(self, run)
+        else:
+            run_train(self, list(run))
+        return self.path(workdir)
 
     def _export(self):
         run_snippet_text(
@@ -443,6 +610,21 @@ class Sandbox:
             Image.fromarray(pixels).save(self.path(name))
         return self.root
 
+    def _keras_archive(self):
+        """A folder with `model.keras` and `x.weights.h5`, written by Keras in a subprocess."""
+        folder = self.path("keras_archive")
+        os.makedirs(folder)
+        env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+        env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__))  # keras_archives
+        subprocess.run(
+            [sys.executable, "-c", _KERAS_ARCHIVE_SCRIPT, folder],
+            env=env,
+            check=True,
+            timeout=300,
+        )
+        return folder
+
     def _imagenet_tars(self):
         return self.request.getfixturevalue("fake_imagenet").manual_dir
 
@@ -459,9 +641,10 @@ class Sandbox:
         return self.request.getfixturevalue("noise_image_folder")
 
     MAKERS = {
-        "runs/default": _main_job,
+        **{workdir: lambda self, w=workdir: self._trained(w) for workdir in TRAINED},
         "model.jaxexport": _export,
         "keras": _keras,
+        "keras_archive": _keras_archive,
         "timm": _timm,
         "images": _images,
         "imagenet_tars": _imagenet_tars,
@@ -593,18 +776,14 @@ def config_overrides_removed(flag_values):
 
 def run_tool(module: str, args: list[str]) -> str:
     """`python -m <module> *args` through the tool's main in this process; its stdout."""
-    from xception_jax import cli
-
     tool = importlib.import_module(module)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), config_overrides_removed(tool.FLAGS):
         try:
-            if module == "xception_jax.sweep":  # The global absl FLAGS, read from sys.argv.
-                argv = [module, *args]
-                rest = cli.parse_tool_flags(tool.FLAGS, argv, tool.__doc__)
-                saved, sys.argv = sys.argv, argv
+            if module == "xception_jax.sweep":  # Reads its --config.x overrides in sys.argv.
+                saved, sys.argv = sys.argv, [module, *args]
                 try:
-                    tool.main([module, *rest])
+                    tool.main(args)
                 finally:
                     sys.argv = saved
             else:
@@ -628,8 +807,12 @@ def run_python(box: Sandbox, snippet: doc_blocks.Snippet, form: Form) -> None:
             timeout=TIMEOUT,
         )
         assert done.returncode == 0, f"{snippet}:\n{done.stderr[-5000:]}"
+        out = done.stdout
     else:
-        exec(compile(source, snippet.where, "exec"), {"__name__": "__doc_example__"})
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            exec(compile(source, snippet.where, "exec"), {"__name__": "__doc_example__"})
+        out = printed.getvalue()
+    assert form.expect in out, f"{snippet}: {form.expect!r} not in what it printed:\n{out[-3000:]}"
 
 
 def check_aot(text: str) -> None:

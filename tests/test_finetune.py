@@ -95,6 +95,7 @@ def test_finetune_from_keras_changes_only_what_the_freeze_allows(keras_file, tmp
     config.checkpoint_every_steps = 1
     config.max_checkpoints_to_keep = 5
     config.schedule.base_learning_rate = 0.05
+    config.ema_decay = 0.5  # The EMA starts at the pretrained params (own buffers: donated).
     workdir = str(tmp_path / "run")
     loop.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
@@ -104,6 +105,9 @@ def test_finetune_from_keras_changes_only_what_the_freeze_allows(keras_file, tmp
     # Frozen step: parameters and BatchNorm statistics exactly the file's.
     assert _same(backbone(frozen["params"]), keras["params"])
     assert _same(frozen["batch_stats"], keras["batch_stats"])
+    # ... and so is their Polyak average (0.5 a + 0.5 a = a exactly).
+    frozen_ema = checkpoints.load(workdir, step=1, ema=True)[1]
+    assert _same(backbone(frozen_ema["params"]), keras["params"])
     head = frozen["params"]["predictions"]["kernel"]
     assert head.shape == (2048, 3)  # The file's 5-class head was replaced.
     assert not np.array_equal(head, free["params"]["predictions"]["kernel"])

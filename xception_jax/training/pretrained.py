@@ -128,8 +128,12 @@ def init_state(state, config: ml_collections.ConfigDict, tx, sharding):
     source = source_of(config)
     backbone = load_backbone(config)
     fresh = {"params": state.params, "batch_stats": state.batch_stats}
-    merged = jax.device_put(merge(jax.device_get(fresh), backbone, source), sharding)
+    host = merge(jax.device_get(fresh), backbone, source)
+    merged = jax.device_put(host, sharding)
     params = merged["params"]
+    # The EMA starts at the pretrained params, in buffers of its own: the train step donates
+    # the state, and one buffer given twice is refused ("donate the same buffer twice").
+    ema_params = jax.device_put(host["params"], sharding) if state.ema_params is not None else None
     opt_state = jax.jit(tx.init, out_shardings=sharding)(params)
     count = sum(np.size(x) for x in jax.tree.leaves(backbone))
     logging.info(
@@ -144,5 +148,5 @@ def init_state(state, config: ml_collections.ConfigDict, tx, sharding):
         params=params,
         batch_stats=merged["batch_stats"],
         opt_state=opt_state,
-        ema_params=params if state.ema_params is not None else None,
+        ema_params=ema_params,
     )
