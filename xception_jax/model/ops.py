@@ -196,18 +196,23 @@ def depthwise_conv(
     dh, dw = _pair(dilation, "dilation")
     pads = _spatial_pads(x.shape, (kh, kw), (sh, sw), (dh, dw), padding)
     if impl == "lax":
-        return lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(sh, sw),
-            padding=pads,
-            rhs_dilation=(dh, dw),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=c,
-        )
+        return _conv_lax(x, kernel, (sh, sw), (dh, dw), pads, groups=c)
     if impl == "taps_vjp":
         return _depthwise_taps_vjp(x, kernel, (sh, sw), (dh, dw), pads)
     return _depthwise_taps(x, kernel, (sh, sw), (dh, dw), pads)
+
+
+def _conv_lax(x, kernel, strides, dilation, pads, groups: int):
+    """XLA's own NHWC conv of `groups` feature groups (C: depthwise, C // g: grouped)."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=pads,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
 
 
 def grouped_conv(
@@ -256,15 +261,7 @@ def grouped_conv(
     dh, dw = _pair(dilation, "dilation")
     pads = _spatial_pads(x.shape, (kh, kw), (sh, sw), (dh, dw), padding)
     if impl == "lax":
-        return lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(sh, sw),
-            padding=pads,
-            rhs_dilation=(dh, dw),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=c // g,
-        )
+        return _conv_lax(x, kernel, (sh, sw), (dh, dw), pads, groups=c // g)
     return _grouped_taps(x, kernel, (sh, sw), (dh, dw), pads)
 
 
