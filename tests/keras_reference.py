@@ -25,20 +25,7 @@ import h5py  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
-
-
-def _randomise_batchnorms(model: keras.Model, rng: np.random.Generator) -> None:
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights(
-                [
-                    rng.uniform(0.8, 1.2, c).astype("float32"),  # gamma
-                    rng.normal(0.0, 0.1, c).astype("float32"),  # beta
-                    rng.normal(0.0, 0.1, c).astype("float32"),  # moving mean
-                    rng.uniform(0.8, 1.2, c).astype("float32"),  # moving variance
-                ]
-            )
+from keras_archives import randomise_batchnorms  # noqa: E402  (tests/ is this script's path)
 
 
 def main(out: str, size: int = 71, batch: int = 2, classes: int = 10) -> None:
@@ -52,7 +39,7 @@ def main(out: str, size: int = 71, batch: int = 2, classes: int = 10) -> None:
         ("notop", {"include_top": False, "pooling": None}),
     ):
         model = keras.applications.Xception(weights=None, input_shape=(size, size, 3), **kwargs)
-        _randomise_batchnorms(model, rng)
+        randomise_batchnorms(model, rng)
         model.save_weights(os.path.join(out, f"{tag}.weights.h5"))
         with h5py.File(os.path.join(out, f"{tag}.legacy.h5"), "w") as f:
             legacy_h5_format.save_weights_to_hdf5_group(f, model)
