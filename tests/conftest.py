@@ -1,6 +1,7 @@
 """Shared pytest fixtures. TensorFlow is imported inside fixtures only, so that test files that do
 not use the data fixtures do not pay for it."""
 
+import functools
 import io
 import os
 import random
@@ -267,3 +268,23 @@ def fake_imagenet(tmp_path_factory):
         val_synsets=FAKE_IMAGENET_VAL_SYNSETS,
         train_per_class=FAKE_IMAGENET_TRAIN_PER_CLASS,
     )
+
+
+@functools.cache
+def torch_timm():
+    """(torch, timm), imported once per process next to the registry's torchvision.
+
+    The registry's torchvision is a CUDA build whose C extension does not load next to CPU
+    torch; timm only needs these two operator schemas to exist at import time (FINDINGS). A
+    schema may be declared once per process: every test module gets timm from here.
+    """
+    import torch
+
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    torch_timm.lib = lib  # Keeps the schemas registered.
+    import timm
+
+    torch.set_num_threads(2)
+    return torch, timm

@@ -13,13 +13,9 @@ from xception_jax.training import config_checks, mixup
 
 def _timm_aa():
     """timm.data.auto_augment, importable next to the registry's torchvision (FINDINGS)."""
-    import torch
+    from conftest import torch_timm
 
-    if not hasattr(_timm_aa, "lib"):
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        _timm_aa.lib = lib  # Keeps the schemas registered.
+    torch_timm()
     from timm.data import auto_augment
 
     return auto_augment

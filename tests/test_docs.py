@@ -592,10 +592,10 @@ class Sandbox:
         return path
 
     def _timm(self):
+        from conftest import torch_timm
         from safetensors.torch import save_file
-        from test_timm_weights import _torch_timm
 
-        torch, timm = _torch_timm()
+        torch, timm = torch_timm()
         torch.manual_seed(0)
         model = timm.create_model("xception65", num_classes=1000).eval()
         save_file(model.state_dict(), self.path("model.safetensors"))

@@ -8,6 +8,7 @@ file with numpy only and the Flax model must give timm's own logits.
 import functools
 import importlib.util
 
+import conftest
 import jax
 import numpy as np
 import pytest
@@ -26,29 +27,13 @@ NUM_CLASSES = 10
 SIZES = {"xception41": 32, "xception65": 32, "xception71": 32, "legacy_xception": 77}
 
 
-@functools.cache
-def _torch_timm():
-    import torch
-
-    # The registry's torchvision is a CUDA build whose C extension does not load next to CPU
-    # torch; timm only needs these two operator schemas to exist at import time (FINDINGS).
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-    _torch_timm.lib = lib  # Keeps the schemas registered.
-    import timm
-
-    torch.set_num_threads(2)
-    return torch, timm
-
-
 def _timm_reference(name: str, path, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Saves a random timm `name` (BatchNorm randomised) to `path`.
 
     Returns the NHWC input, its logits, and (legacy_xception) the output of timm's first block
     (this package's 'block2' feature, NHWC) or None.
     """
-    torch, timm = _torch_timm()
+    torch, timm = conftest.torch_timm()
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs).eval()
     with torch.no_grad():

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import conftest
 import jax
 import numpy as np
 import pytest
@@ -142,16 +143,9 @@ def test_refused_exports_write_nothing(keras_run, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == []
 
 
-@functools.cache
-def _torch_timm():
-    from test_timm_weights import _torch_timm as setup
-
-    return setup()
-
-
 def _timm_logits(name, path, x, num_classes):
     """timm's `name` with the state dict at `path` loaded strictly: its logits on NHWC `x`."""
-    torch, timm = _torch_timm()
+    torch, timm = conftest.torch_timm()
     from safetensors.torch import load_file
 
     net = timm.create_model(name, num_classes=num_classes).eval()
