@@ -19,6 +19,8 @@ import math
 
 import tensorflow as tf
 
+from xception_jax.data import shards
+
 LEVEL_DENOM = 10.0  # timm's magnitude scale: 0..10
 FILL = 128  # timm's default fill (_FILL), = round(255 * 0.5): Xception's mean.
 TRANSLATE_PCT = 0.45  # timm's hparams 'translate_pct' for TranslateXRel / TranslateYRel.
@@ -414,20 +416,12 @@ def random_erasing(image, seed, *, probability):
 # ------------------------------------------------------------------------------------------
 
 
-def field(config, name, default):
-    """config.augment.<name>, or `default` where the config has no augment block (old runs)."""
-    block = config.get("augment") if hasattr(config, "get") else None
-    if block is None:
-        return default
-    return block.get(name, default)
-
-
 def is_on(config) -> bool:
     """Whether any per-example augmentation of config.augment is on (tf.data side)."""
     return (
-        int(field(config, "randaugment_layers", 0)) > 0
-        or bool(field(config, "autoaugment", ""))
-        or float(field(config, "random_erasing", 0.0)) > 0
+        int(shards.augment_field(config, "randaugment_layers", 0)) > 0
+        or bool(shards.augment_field(config, "autoaugment", ""))
+        or float(shards.augment_field(config, "random_erasing", 0.0)) > 0
     )
 
 
@@ -436,11 +430,11 @@ def augment_fn(config):
     order (RandAugment or AutoAugment, then random erasing); None when all are off."""
     if not is_on(config):
         return None
-    layers = int(field(config, "randaugment_layers", 0))
-    magnitude = float(field(config, "randaugment_magnitude", 9.0))
-    magnitude_std = float(field(config, "randaugment_magnitude_std", 0.0))
-    policy = str(field(config, "autoaugment", ""))
-    erasing = float(field(config, "random_erasing", 0.0))
+    layers = int(shards.augment_field(config, "randaugment_layers", 0))
+    magnitude = float(shards.augment_field(config, "randaugment_magnitude", 9.0))
+    magnitude_std = float(shards.augment_field(config, "randaugment_magnitude_std", 0.0))
+    policy = str(shards.augment_field(config, "autoaugment", ""))
+    erasing = float(shards.augment_field(config, "random_erasing", 0.0))
     if policy not in POLICIES:
         raise ValueError(f"config.augment.autoaugment={policy!r} must be one of {POLICIES}.")
 

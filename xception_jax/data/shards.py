@@ -103,6 +103,12 @@ def layout(batch_size: int, num_shards: int, process_index: int, process_count: 
     return ShardLayout(num_shards, batch_size // num_shards, process_index * count, count)
 
 
+def augment_field(config, name: str, default):
+    """config.augment.<name>, or `default` where the config has no augment block (older runs)."""
+    block = config.get("augment") if hasattr(config, "get") else None
+    return default if block is None else block.get(name, default)
+
+
 def order_changes(stored: dict, config) -> list[str]:
     """What differs, in ORDER_FIELDS, between a checkpoint's stored config and `config`.
 

@@ -19,7 +19,6 @@ that not every part of a run can use, before anything is written.
 from __future__ import annotations
 
 import glob as glob_lib
-import io
 import os
 import posixpath
 import re
@@ -123,7 +122,8 @@ def check_writable(named) -> None:
                     "with these credentials); create it or write elsewhere."
                 )
             continue
-        parent = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(value))))
+        local = os.path.abspath(os.path.expanduser(os.fspath(value)))
+        parent = os.path.dirname(local)
         while not os.path.exists(parent):  # The nearest existing ancestor gets the new folders.
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
@@ -132,7 +132,7 @@ def check_writable(named) -> None:
                 f"{what}={os.fspath(value)!r} cannot be written: {parent} {problem}; give a path "
                 "in a writable directory."
             )
-        if os.path.isdir(value):
+        if os.path.isdir(local):
             raise errors.InputError(
                 f"{what}={os.fspath(value)!r} is a directory; give a file name to write."
             )
@@ -236,14 +236,6 @@ def read_text(p) -> str:
 def read_bytes(p) -> bytes:
     """The content of file `p`."""
     return path(p).read_bytes()
-
-
-def for_library(p):
-    """A local path as it is; a gs:// file read into memory (io.BytesIO).
-
-    For libraries that open a path or a file object but know no URLs (h5py).
-    """
-    return io.BytesIO(read_bytes(p)) if is_remote(p) else os.fspath(path(p))
 
 
 def write_atomic(p, data: str | bytes) -> None:

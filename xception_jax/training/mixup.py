@@ -16,22 +16,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from xception_jax.data import shards
+
 # Folded into the step's rng: mixing draws never reuse dropout's or drop path's randomness.
 _RNG_SALT = 0x6D697875  # "mixu"
 
 
-def field(config, name, default):
-    """config.augment.<name>, or `default` where the config has no augment block."""
-    block = config.get("augment")
-    if block is None:
-        return default
-    return block.get(name, default)
-
-
 def is_on(config) -> bool:
     """Whether config.augment mixes batches (mixup or CutMix, with a nonzero probability)."""
-    alphas = float(field(config, "mixup_alpha", 0.0)) + float(field(config, "cutmix_alpha", 0.0))
-    return alphas > 0 and float(field(config, "mixup_prob", 1.0)) > 0
+    alphas = [float(shards.augment_field(config, f, 0.0)) for f in ("mixup_alpha", "cutmix_alpha")]
+    return sum(alphas) > 0 and float(shards.augment_field(config, "mixup_prob", 1.0)) > 0
 
 
 def soft_targets(labels, num_classes: int, label_smoothing: float = 0.0):
@@ -82,10 +76,10 @@ def _beta(key, alpha: float):
 
 def sample(rng, config, height: int, width: int):
     """(lam, use_cutmix, box) of one batch, drawn from `rng` as timm's _params_per_batch."""
-    mixup_alpha = float(field(config, "mixup_alpha", 0.0))
-    cutmix_alpha = float(field(config, "cutmix_alpha", 0.0))
-    prob = float(field(config, "mixup_prob", 1.0))
-    switch = float(field(config, "mixup_switch_prob", 0.5))
+    mixup_alpha = float(shards.augment_field(config, "mixup_alpha", 0.0))
+    cutmix_alpha = float(shards.augment_field(config, "cutmix_alpha", 0.0))
+    prob = float(shards.augment_field(config, "mixup_prob", 1.0))
+    switch = float(shards.augment_field(config, "mixup_switch_prob", 0.5))
     k_apply, k_switch, k_mixup, k_cutmix, k_y, k_x = jax.random.split(rng, 6)
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = jax.random.uniform(k_switch) < switch
