@@ -14,9 +14,11 @@ implementation of one op, the others at their defaults.
 
 The grouped spatial conv of ``config.model.channels_per_group`` (g > 1, or -1 for a regular
 conv): ``--channels_per_group`` times the model's train step with each g and each depthwise
-implementation ('taps' and 'taps_vjp' are the same taps form there, 'lax' the grouped conv):
+implementation ('taps' and 'taps_vjp' the CPU forms of ``ops.grouped_conv``, 'lax' XLA's
+grouped conv), with each step's ratio to 'lax' at the same g and to the depthwise model's
+default step (g = 1, the first ``--channels_per_group``):
 
-  python benchmarks/ops.py --ops depthwise --model xception_tiny --batch 32 --size 64 \
+  python benchmarks/ops.py --ops depthwise --model xception_tiny --batch 64 --size 48 \
       --skip-layers --channels_per_group 1 2 4 8 -1
 """
 
@@ -160,15 +162,23 @@ def main() -> None:
                 print(row, flush=True)
         if args.model:
             groups = args.channels_per_group if op == "depthwise" else [1]
+            reference = None  # the first g's step with the backend's default impl
             for g in groups:
                 fields = {"channels_per_group": g} if g != 1 else {}
-                for impl in impls:
-                    t = bench_model(
+                times = {}
+                for impl in sorted(impls, key=lambda i: i != "lax"):  # 'lax' first: the ratios
+                    times[impl] = t = bench_model(
                         args.model, op, impl, args.batch, args.size, args.iters, **fields
                     )
+                    if reference is None and impl == ops.default_impl(op):
+                        reference = (g, impl, t)
                     name = f"{args.model} b={args.batch} {args.size}px {op}={impl}"
                     name += f" channels_per_group={g}" if fields else ""
-                    print(f"train step {name}: {t:.1f} ms", flush=True)
+                    ratios = f"'lax'/this {times['lax'] / t:.2f}x"
+                    if reference is not None:
+                        ref_g, ref_impl, ref_t = reference
+                        ratios += f", this/(g={ref_g} {ref_impl!r}) {t / ref_t:.2f}x"
+                    print(f"train step {name}: {t:.1f} ms ({ratios})", flush=True)
 
 
 if __name__ == "__main__":

@@ -269,6 +269,18 @@ FORMS = {
         needs=("runs/default", "runs/pointwise_first"),
         expect="separable_order=pointwise_first",
     ),
+    "--out docs/figures/research_segments_curves.png": Form(
+        "tool",
+        subs=(('"runs/segments/*/seed*"', "runs/default runs/cpg4"),),
+        needs=("runs/default", "runs/cpg4"),
+        expect="channels_per_group=4",
+    ),
+    "--out docs/figures/research_segments_residual_curves.png": Form(
+        "tool",
+        subs=(('"runs/segments_residual/*/seed*"', "runs/default runs/cpg4"),),
+        needs=("runs/default", "runs/cpg4"),
+        expect="channels_per_group=4",
+    ),
     # ---- weight files out: the fine-tune's run (the `xception` model) to Keras, xception41 to
     # timm (timm's file in its own folder: model.safetensors here is timm's xception65) ---------
     "--workdir runs/ft --format keras --out model.keras": Form(

@@ -70,16 +70,20 @@ PARAMS = {
     "stem_conv1": {"kernel": jnp.ones((3, 3, 3, 4))},
     "stem_bn1": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
     "block2": {"sepconv1": {"depthwise": {"kernel": jnp.ones((3, 3, 1, 4))}}},
+    # channels_per_group=2: a grouped spatial conv under the depthwise conv's name.
+    "block3": {"sepconv1": {"depthwise": {"kernel": jnp.ones((3, 3, 2, 4))}}},
     "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
 }
+GROUPED = "block3/sepconv1/depthwise/kernel"
 
 
 @pytest.mark.parametrize(
     "mode, decayed",
     [
-        ("kernels", {"stem_conv1/kernel", "block2/sepconv1/depthwise/kernel", "head/kernel"}),
-        ("kernels_except_depthwise", {"stem_conv1/kernel", "head/kernel"}),
-        ("all", {"stem_conv1/kernel", "block2/sepconv1/depthwise/kernel", "head/kernel",
+        ("kernels", {"stem_conv1/kernel", "block2/sepconv1/depthwise/kernel", GROUPED,
+                     "head/kernel"}),
+        ("kernels_except_depthwise", {"stem_conv1/kernel", GROUPED, "head/kernel"}),
+        ("all", {"stem_conv1/kernel", "block2/sepconv1/depthwise/kernel", GROUPED, "head/kernel",
                  "stem_bn1/scale", "stem_bn1/bias", "head/bias"}),
     ],
 )  # fmt: skip

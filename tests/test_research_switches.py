@@ -82,14 +82,24 @@ def _reference_grouped(x, kernel, strides, dilation, padding):
     )
 
 
+# The CPU forms: g <= 8 rolled depthwise taps, a regular conv (g = C) without dilation im2col,
+# the rest (g = 16 of 32, a dilated regular conv) one matmul per tap.
 @pytest.mark.parametrize(
-    "g,strides,dilation,padding",
-    [(2, 1, 1, "SAME"), (4, 2, 1, "SAME"), (2, 1, 2, ((2, 2), (2, 2))), (8, 2, 1, "VALID")],
+    "g,c,strides,dilation,padding",
+    [
+        (2, 16, 1, 1, "SAME"),
+        (4, 16, 2, 1, "SAME"),
+        (2, 16, 1, 2, ((2, 2), (2, 2))),
+        (8, 16, 2, 1, "VALID"),
+        (16, 32, 2, 1, "SAME"),
+        (16, 16, 1, 1, "SAME"),
+        (16, 16, 1, 2, "SAME"),
+    ],
 )
-def test_grouped_spatial_conv_equals_lax_feature_group_count(g, strides, dilation, padding):
+def test_grouped_spatial_conv_equals_lax_feature_group_count(g, c, strides, dilation, padding):
     kx, kk, kc = jax.random.split(jax.random.key(g + strides), 3)
-    x = jax.random.normal(kx, (2, 9, 10, 16))
-    kernel = jax.random.normal(kk, (3, 3, g, 16))
+    x = jax.random.normal(kx, (2, 9, 10, c))
+    kernel = jax.random.normal(kk, (3, 3, g, c))
 
     @jax.jit
     def all_forms(x, kernel):
@@ -98,7 +108,7 @@ def test_grouped_spatial_conv_equals_lax_feature_group_count(g, strides, dilatio
             lambda x, k, impl=impl: ops.grouped_conv(
                 x, k, strides=strides, dilation=dilation, padding=padding, impl=impl
             )
-            for impl in ("taps", "lax")
+            for impl in ("taps", "taps_vjp", "lax")
         ]
         out = []
         for fn in forms:
@@ -117,11 +127,11 @@ def test_grouped_spatial_conv_equals_lax_feature_group_count(g, strides, dilatio
 
 @pytest.mark.parametrize("impl", ["taps_vjp", "lax"])
 def test_minus_one_is_a_dense_3x3_conv(impl):
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 12))
     layer = DepthwiseConv(channels_per_group=-1, strides=2, impl=impl)
     v = layer.init(jax.random.key(1), x)
     kernel = v["params"]["kernel"]
-    assert kernel.shape == (3, 3, 6, 6)
+    assert kernel.shape == (3, 3, 12, 12)
 
     def dense(x, k):
         return lax.conv_general_dilated(

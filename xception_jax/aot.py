@@ -392,8 +392,9 @@ def format_report(r: dict) -> str:
     )
     if r["fits"]:
         lines.append(
-            f"  FLOPs: {r['flops_per_step'] / 1e12:.2f} T per step, "
-            f"{r['flops_per_image'] / 1e9:.1f} G per image"
+            # Three significant digits: the tiny model's 0.06 GFLOPs must not print as 0.0.
+            f"  FLOPs: {r['flops_per_step'] / 1e12:.3g} T per step, "
+            f"{r['flops_per_image'] / 1e9:.3g} G per image"
         )
     lines.append(f"  compiled in {r['compile_seconds']:.1f} s")
     return "\n".join(lines)

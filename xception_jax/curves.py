@@ -323,8 +323,9 @@ def plot_vs_gflops(groups: list[Group], title: str | None = None):
     Groups without a cost or an eval are left out."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vPX"  # With the colours, tells apart points that lie on top of each other.
     for i, group in enumerate(groups):
         finals = [r["final"] for r in map(_final_and_best, group.runs) if r is not None]
         cost = model_cost(group.runs[0])
@@ -332,20 +333,21 @@ def plot_vs_gflops(groups: list[Group], title: str | None = None):
             continue
         mean = float(np.mean(finals))
         err = [[mean - min(finals)], [max(finals) - mean]]
-        color = colors[i % len(colors)]
-        ax.errorbar(cost["gflops"], mean, yerr=err, fmt="o", color=color, capsize=3)
-        ax.annotate(
-            group.label,
-            (cost["gflops"], mean),
-            textcoords="offset points",
-            xytext=(5, 5),
-            fontsize=8,
-            color=color,
+        ax.errorbar(
+            cost["gflops"],
+            mean,
+            yerr=err,
+            fmt=markers[i % len(markers)],
+            color=colors[i % len(colors)],
+            capsize=3,
+            label=group.label,
         )
     xs = [line.get_xdata()[0] for line in ax.lines]
     if xs and max(xs) > 3 * min(xs):  # A log axis only where the costs span a range.
         ax.set_xscale("log")
-    ax.margins(x=0.2, y=0.15)  # Room for the labels beside the points.
+    ax.margins(x=0.1, y=0.15)
+    if xs:  # A legend beside the axes: labels of equal-accuracy points cannot overlap there.
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     ax.set_xlabel("forward GFLOPs per image (XLA cost analysis)")
     ax.set_ylabel("final eval accuracy")
     ax.grid(alpha=0.3, which="both")

@@ -85,6 +85,8 @@ def weight_decay_mask(params, mode: str):
     'kernels': every conv/dense kernel, not BatchNorm scale/bias nor biases (the usual choice);
     'kernels_except_depthwise': also spares depthwise kernels, which have 9 weights per channel
     and are known to be hurt by decay (MobileNet, EfficientNet recipes); 'all': every parameter.
+    A grouped or regular spatial conv (``channels_per_group`` != 1) keeps the parameter name
+    ``depthwise`` but not its 9 weights per channel: its kernel is decayed like any other.
     """
     if mode not in WEIGHT_DECAY_MASKS:
         raise ValueError(
@@ -93,14 +95,16 @@ def weight_decay_mask(params, mode: str):
         )
     flat = traverse_util.flatten_dict(params)
 
-    def decays(path) -> bool:
+    def decays(path, leaf) -> bool:
         if mode == "all":
             return True
         if path[-1] != "kernel":
             return False
-        return not (mode == "kernels_except_depthwise" and any("depthwise" in p for p in path))
+        # A depthwise kernel is (kh, kw, 1, C): one input channel per filter.
+        depthwise = any("depthwise" in p for p in path) and leaf.shape[-2] == 1
+        return not (mode == "kernels_except_depthwise" and depthwise)
 
-    return traverse_util.unflatten_dict({path: decays(path) for path in flat})
+    return traverse_util.unflatten_dict({path: decays(path, leaf) for path, leaf in flat.items()})
 
 
 def create_optimizer(
