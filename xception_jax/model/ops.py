@@ -16,8 +16,9 @@ The depthwise convolution has three implementations with one kernel layout, ``(k
 The grouped 3x3 conv of ``channels_per_group`` g > 1 (``grouped_conv``, kernel ``(kh, kw, g, C)``)
 has ``'lax'`` (``feature_group_count=C // g``) and, on CPU, where XLA's grouped convolution
 trains tens of times slower, the sum of g depthwise taps sums of the input rolled within its
-groups, with the depthwise op's hand-written backward (g <= 8), the stem's ``conv2d`` for a
-regular conv (g = C), or one batched matmul per kernel tap.
+groups (g <= 8: the same functions as the depthwise conv, which is their g = 1 case, with the
+same hand-written backward), the stem's ``conv2d`` for a regular conv (g = C), or one batched
+matmul per kernel tap.
 
 The pointwise (1x1) convolution is a 2-D matmul ``[B*H*W, Cin] x [Cin, Cout]``, which measured
 about 4x faster on CPU than a 1x1 ``conv_general_dilated`` and is the same operation.
@@ -203,9 +204,8 @@ def depthwise_conv(
     pads = _spatial_pads(x.shape, (kh, kw), (sh, sw), (dh, dw), padding)
     if impl == "lax":
         return _conv_lax(x, kernel, (sh, sw), (dh, dw), pads, groups=c)
-    if impl == "taps_vjp":
-        return _depthwise_taps_vjp(x, kernel, (sh, sw), (dh, dw), pads)
-    return _depthwise_taps(x, kernel, (sh, sw), (dh, dw), pads)
+    taps = _taps_conv_vjp if impl == "taps_vjp" else _taps_conv
+    return taps(x, kernel, (sh, sw), (dh, dw), pads)
 
 
 def _conv_lax(x, kernel, strides, dilation, pads, groups: int):
@@ -242,8 +242,8 @@ def grouped_conv(
       strides, dilation, padding: as ``depthwise_conv``.
       impl: 'taps', 'taps_vjp', 'lax' or 'auto'. The CPU forms for ``g > 1``:
         ``g <= ROLLED_MAX_GROUP``: the grouped conv as ``g`` depthwise convs of the input rolled
-        within its groups, summed in one fused loop ('taps_vjp' with a hand-written backward
-        like the depthwise op's, 'taps' with JAX's own); ``g == C`` without dilation: the
+        within its groups, summed in one fused loop (the depthwise conv's own functions: 'taps_vjp'
+        with the hand-written backward, 'taps' with JAX's); ``g == C`` without dilation: the
         stem's ``conv2d`` ('im2col'); otherwise one batched matmul per kernel tap.
 
     Returns:
@@ -271,8 +271,8 @@ def grouped_conv(
     if impl == "lax":
         return _conv_lax(x, kernel, (sh, sw), (dh, dw), pads, groups=c // g)
     if g <= ROLLED_MAX_GROUP:
-        rolled = _rolled_taps_vjp if impl == "taps_vjp" else _rolled_taps
-        return rolled(x, kernel, (sh, sw), (dh, dw), pads)
+        taps = _taps_conv_vjp if impl == "taps_vjp" else _taps_conv
+        return taps(x, kernel, (sh, sw), (dh, dw), pads)
     if g == c and (dh, dw) == (1, 1):
         return _conv_im2col(x, kernel, (sh, sw), pads)
     return _grouped_matmul_taps(x, kernel, (sh, sw), (dh, dw), pads)
@@ -310,8 +310,10 @@ def _shift_kernels(kernel):
     return jnp.moveaxis(jnp.take_along_axis(kernel, idx, axis=2), 2, 0)
 
 
-def _rolled_taps(x, kernel, strides, dilation, pads):
-    """The grouped conv as ``g`` depthwise taps sums of the input rolled within its groups."""
+def _taps_conv(x, kernel, strides, dilation, pads):
+    """Depthwise (g = 1) or grouped conv, kernel ``(kh, kw, g, C)``, as taps sums: for each of
+    the g shifts, ``kh*kw`` strided, dilated slices of the padded input (rolled by the shift
+    within its groups) times per-channel weights."""
     g = kernel.shape[2]
     out_dtype = jnp.result_type(x.dtype, kernel.dtype)
     acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
@@ -323,24 +325,35 @@ def _rolled_taps(x, kernel, strides, dilation, pads):
     return sum(terms[1:], terms[0]).astype(out_dtype)
 
 
-# 'taps_vjp' for grouped convs: the depthwise op's backward, once per shift. The input gradient
-# of shift s is the depthwise transpose of the cotangent with kernel s, rolled back by s; as
-# the roll commutes with a per-channel op, it is rolled into the (padded) cotangent and the
-# kernel instead, and all g transposes are one fused loop. The kernel gradient of shift s is
-# the depthwise kernel gradient of the rolled input, put back into the grouped layout.
+# 'taps_vjp': the same forward as 'taps' with a hand-written backward. JAX's automatic transpose
+# of 'taps' turns each of the k*k slices into a pad of the cotangent to the full input size
+# and sums k*k full-size arrays (k*k passes over the input per layer, measured 20-25x the
+# forward). Written out, the backward is two single-pass ops per shift:
+# - input gradient: the transposed convolution, i.e. a stride-1 depthwise correlation of the
+#   cotangent (zero-interleaved by the stride, padded so that the crop of the input padding is
+#   folded in) with the spatially flipped kernel: one fused loop of k*k taps, like the forward.
+#   Shift s's is rolled back by s; as the roll commutes with a per-channel op, it is rolled
+#   into the padded cotangent and the kernel instead, and all g shifts are one fused loop;
+# - kernel gradient: for each tap a per-channel reduction over (batch, height, width) of
+#   slice_ij(padded, rolled x) * cotangent: k*k sibling reductions that XLA fuses into one
+#   pass, put back into the grouped layout.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _rolled_taps_vjp(x, kernel, strides, dilation, pads):
-    return _rolled_taps(x, kernel, strides, dilation, pads)
+def _taps_conv_vjp(x, kernel, strides, dilation, pads):
+    return _taps_conv(x, kernel, strides, dilation, pads)
 
 
-def _rolled_taps_vjp_fwd(x, kernel, strides, dilation, pads):
-    # As _depthwise_taps_vjp_fwd: x itself, once, is the residual.
-    y = _rolled_taps(x, kernel, strides, dilation, pads)
+def _taps_conv_vjp_fwd(x, kernel, strides, dilation, pads):
+    # Residuals are x and the kernel (not the padded x: re-padding is cheaper than storing it).
+    # The barrier keeps x itself as the residual: otherwise XLA fuses x's producer (BatchNorm,
+    # ReLU, a residual add) into the kernel gradient's loops and keeps that producer's inputs
+    # alive until the backward pass instead.
+    y = _taps_conv(x, kernel, strides, dilation, pads)
     return y, (lax.optimization_barrier(x), kernel)
 
 
-def _rolled_taps_vjp_bwd(strides, dilation, pads, res, g):
+def _taps_conv_vjp_bwd(strides, dilation, pads, res, g):
     x, kernel = res
+    # Tied to g, the re-padding of x cannot be scheduled before the backward pass reaches it.
     x, g = lax.optimization_barrier((x, g))
     kh, kw, gs, c = kernel.shape
     acc_dtype = jnp.promote_types(jnp.result_type(x.dtype, kernel.dtype), jnp.float32)
@@ -373,7 +386,7 @@ def _rolled_taps_vjp_bwd(strides, dilation, pads, res, g):
     return dx, jnp.moveaxis(dk, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
 
 
-_rolled_taps_vjp.defvjp(_rolled_taps_vjp_fwd, _rolled_taps_vjp_bwd)
+_taps_conv_vjp.defvjp(_taps_conv_vjp_fwd, _taps_conv_vjp_bwd)
 
 
 def _grouped_matmul_taps(x, kernel, strides, dilation, pads):
@@ -427,55 +440,6 @@ def _taps_sum(xp, w, strides, dilation, out_dtype):
         term = tap.astype(acc_dtype) * w[i, j].astype(acc_dtype)
         acc = term if acc is None else acc + term
     return acc.astype(out_dtype)
-
-
-def _depthwise_taps(x, kernel, strides, dilation, pads):
-    """Sum of ``kh*kw`` strided, dilated slices of the padded input times per-channel weights."""
-    kh, kw, _, c = kernel.shape
-    out_dtype = jnp.result_type(x.dtype, kernel.dtype)
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    return _taps_sum(xp, kernel.reshape(kh, kw, c), strides, dilation, out_dtype)
-
-
-# 'taps_vjp': the same forward as 'taps' with a hand-written backward. JAX's automatic transpose
-# of 'taps' turns each of the k*k slices into a pad of the cotangent to the full input size
-# and sums k*k full-size arrays (k*k passes over the input per layer, measured 20-25x the
-# forward). Written out, the backward is two single-pass ops:
-# - input gradient: the transposed convolution, i.e. a stride-1 depthwise correlation of the
-#   cotangent (zero-interleaved by the stride, padded so that the crop of the input padding is
-#   folded in) with the spatially flipped kernel: one fused loop of k*k taps, like the forward;
-# - kernel gradient: for each tap a per-channel reduction over (batch, height, width) of
-#   slice_ij(padded x) * cotangent: k*k sibling reductions that XLA fuses into one pass.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _depthwise_taps_vjp(x, kernel, strides, dilation, pads):
-    return _depthwise_taps(x, kernel, strides, dilation, pads)
-
-
-def _depthwise_taps_vjp_fwd(x, kernel, strides, dilation, pads):
-    # Residuals are x and the kernel (not the padded x: re-padding is cheaper than storing it).
-    # The barrier keeps x itself as the residual: otherwise XLA fuses x's producer (BatchNorm,
-    # ReLU, a residual add) into the kernel gradient's loops and keeps that producer's inputs
-    # alive until the backward pass instead.
-    y = _depthwise_taps(x, kernel, strides, dilation, pads)
-    return y, (lax.optimization_barrier(x), kernel)
-
-
-def _depthwise_taps_vjp_bwd(strides, dilation, pads, res, g):
-    x, kernel = res
-    # Tied to g, the re-padding of x cannot be scheduled before the backward pass reaches it.
-    x, g = lax.optimization_barrier((x, g))
-    kh, kw, _, c = kernel.shape
-    w = kernel.reshape(kh, kw, c)
-    acc_dtype = jnp.promote_types(jnp.result_type(x.dtype, kernel.dtype), jnp.float32)
-
-    # Input gradient: the stride-1 correlation of the padded cotangent with the flipped kernel.
-    gp = _transpose_pad(g, x.shape, (kh, kw), strides, dilation, pads)
-    dx = _taps_sum(gp, w[::-1, ::-1], (1, 1), dilation, x.dtype)
-
-    # Kernel gradient: per tap, a per-channel sum over (B, H', W') of tap * g, in float32.
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    dk = _depthwise_kernel_grad(xp, g, (kh, kw), strides, dilation, acc_dtype)
-    return dx, dk.reshape(kh, kw, 1, c).astype(kernel.dtype)
 
 
 def _transpose_pad(g, x_shape, ksize, strides, dilation, pads):
@@ -542,9 +506,6 @@ def _depthwise_kernel_grad(xp, g, ksize, strides, dilation, acc_dtype, terms=KER
                 acc = term if acc is None else acc + term
         partial_sums.append(acc)
     return jnp.sum(jnp.stack(partial_sums), axis=(1, 2, 3))
-
-
-_depthwise_taps_vjp.defvjp(_depthwise_taps_vjp_fwd, _depthwise_taps_vjp_bwd)
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array, *, strides: int | Sequence[int] = 1):
